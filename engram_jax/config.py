@@ -174,3 +174,200 @@ MEMORY_PRESETS = {
     "engram_27b": engram_27b_memory,
     "engram_40b": engram_40b_memory,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The language model.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """DeepSeekMoE settings (shared + fine-grained routed experts, aux-loss-free balancing).
+
+  Attributes:
+    num_experts: E, routed experts per MoE layer.
+    num_shared: always-on shared experts.
+    top_k: routed experts per token.
+    expert_hidden: F, hidden width of one expert.
+    routed_scaling: factor on the normalised routed gates.
+    balance_rate: gamma, the per-step bias update of aux-loss-free balancing.
+  """
+
+  num_experts: int = 8
+  num_shared: int = 1
+  top_k: int = 2
+  expert_hidden: int = 64
+  routed_scaling: float = 1.0
+  balance_rate: float = 1e-3
+
+  def __post_init__(self):
+    _check(isinstance(self.num_experts, int) and self.num_experts >= 1,
+           "num_experts", "an int >= 1", self.num_experts)
+    _check(isinstance(self.num_shared, int) and self.num_shared >= 0,
+           "num_shared", "an int >= 0", self.num_shared)
+    _check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+           "top_k", f"an int in [1, num_experts={self.num_experts}]", self.top_k)
+    _check(isinstance(self.expert_hidden, int) and self.expert_hidden >= 1,
+           "expert_hidden", "an int >= 1", self.expert_hidden)
+    _check(self.balance_rate >= 0, "balance_rate", "a rate >= 0", self.balance_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The transformer: embedding -> M streams -> blocks -> merge -> norm -> untied head.
+
+  Block i (0-based) is dense (SwiGLU of width `ffn_hidden`) when `i < num_dense_layers` or
+  `moe is None`, DeepSeekMoE otherwise; it starts with an Engram read when `engram` lists i in
+  its `layer_ids`.
+
+  Attributes:
+    vocab_size: V, raw tokenizer ids.
+    d_model: D.
+    num_layers: blocks.
+    num_heads: attention query heads.
+    num_kv_heads: key/value heads (GQA; = num_heads for MHA).
+    head_dim: width of one attention head.
+    ffn_hidden: hidden width of the dense SwiGLU layers.
+    num_dense_layers: leading blocks that use the dense FFN even in an MoE model.
+    moe: MoE settings, or None for a dense model.
+    engram: Engram memory settings, or None for no Engram.
+    streams: M, mHC residual streams (1 = a plain pre-norm residual stream).
+    sinkhorn_iters: Sinkhorn-Knopp iterations of mHC's residual mixing.
+    rope_theta: RoPE base.
+    norm_eps: RMSNorm eps of the backbone.
+    dtype: compute dtype name ('float32' or 'bfloat16'); parameters are float32.
+    engram_init_std: standard deviation of the Engram tables' initial rows.
+  """
+
+  vocab_size: int = 8192
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  ffn_hidden: int = 128
+  num_dense_layers: int = 1
+  moe: MoEConfig | None = None
+  engram: EngramConfig | None = None
+  streams: int = 1
+  sinkhorn_iters: int = 20
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  engram_init_std: float = 1.0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "ffn_hidden", "streams", "sinkhorn_iters"):
+      value = getattr(self, name)
+      _check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
+    _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+           f"a divisor of num_heads={self.num_heads}", self.num_kv_heads)
+    _check(isinstance(self.num_dense_layers, int) and self.num_dense_layers >= 0,
+           "num_dense_layers", "an int >= 0", self.num_dense_layers)
+    _check(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
+    if self.engram is not None:
+      bad = [i for i in self.engram.layer_ids if i >= self.num_layers]
+      _check(not bad, "engram.layer_ids",
+             f"0-based block indices below num_layers={self.num_layers}", self.engram.layer_ids)
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.moe is not None and i >= self.num_dense_layers
+
+  @property
+  def engram_layers(self) -> tuple[int, ...]:
+    return () if self.engram is None else self.engram.layer_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizers (paper Table 5): Muon for matrices, AdamW for the rest, sparse Adam for tables.
+
+  Attributes:
+    lr: peak learning rate of the backbone.
+    warmup_steps: linear warm-up.
+    decay_points: fractions of training after which the rate is multiplied by `decay_factor`
+      (DeepSeek's step decay: x0.316 at 80% and again at 90%).
+    decay_factor: the step-decay factor.
+    weight_decay: decoupled weight decay of the backbone's matrices.
+    adam_b1, adam_b2, adam_eps: Adam moments (backbone AdamW and the tables' sparse Adam).
+    use_muon: Muon for 2-D matrices (and stacked expert matrices); AdamW everywhere if False.
+    muon_lr_scale: Muon's learning rate relative to `lr`.
+    engram_lr_mult: the tables' learning rate relative to `lr` (5x in the paper).
+    grad_clip: global-norm clip of the backbone's gradients (0 disables).
+  """
+
+  lr: float = 3e-3
+  warmup_steps: int = 50
+  decay_points: tuple[float, ...] = (0.8, 0.9)
+  decay_factor: float = 0.316
+  weight_decay: float = 0.1
+  adam_b1: float = 0.9
+  adam_b2: float = 0.95
+  adam_eps: float = 1e-8
+  use_muon: bool = True
+  muon_lr_scale: float = 1.0
+  engram_lr_mult: float = 5.0
+  grad_clip: float = 1.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "decay_points", tuple(self.decay_points))
+    _check(self.lr > 0, "lr", "a positive learning rate", self.lr)
+    _check(self.warmup_steps >= 0, "warmup_steps", "an int >= 0", self.warmup_steps)
+    _check(all(0 < p < 1 for p in self.decay_points), "decay_points",
+           "fractions in (0, 1)", self.decay_points)
+    _check(self.engram_lr_mult > 0, "engram_lr_mult", "a positive multiplier",
+           self.engram_lr_mult)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Steps, batch and bookkeeping of one training run.
+
+  Attributes:
+    steps: total optimizer steps.
+    batch_size: B.
+    seq_len: T.
+    seed: seeds the parameters, the tables and the data order.
+    eval_every: steps between validation passes.
+    eval_batches: validation batches per pass.
+    log_every: steps between metric records.
+    checkpoint_every: steps between checkpoints.
+    val_fraction: share of the corpus held out for validation.
+  """
+
+  steps: int = 300
+  batch_size: int = 16
+  seq_len: int = 128
+  seed: int = 0
+  eval_every: int = 100
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 100
+  val_fraction: float = 0.02
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
+                 "checkpoint_every"):
+      value = getattr(self, name)
+      _check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
+    _check(0 < self.val_fraction < 1, "val_fraction", "a fraction in (0, 1)",
+           self.val_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A named model + optimizer + training setup."""
+
+  name: str
+  model: ModelConfig
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    engram = self.model.engram
+    if engram is not None:
+      _check(self.train.seq_len >= engram.max_ngram_size, "seq_len",
+             f"at least the n-gram order max_ngram_size={engram.max_ngram_size}",
+             self.train.seq_len)

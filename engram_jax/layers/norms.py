@@ -15,7 +15,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """Normalises the last axis by its root mean square (computed in float32), then scales."""
   x32 = x.astype(jnp.float32)
   inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (x32 * inv * scale.astype(jnp.float32)).astype(x.dtype)
+  # [..., D] scale (e.g. [M, D] per branch) aligned to the trailing axes of x.
+  scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - scale.ndim) + scale.shape)
+  return (x32 * inv * scale).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):

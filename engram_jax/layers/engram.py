@@ -1,0 +1,160 @@
+"""The Engram layer: context-aware gating of fetched memory rows and a short convolution.
+
+Paper §2.3-2.4 (spec §4-5). The layer does not own the hash tables: rows arrive already fetched
+by a memory backend (`engram_jax.memory`), so the same layer serves device, sharded and
+host-offloaded tables.
+
+    e      = concat of the H fetched rows                         [B, T, Dm]
+    k_m    = RMSNorm_k,m(W_K,m e + b_K,m),  q_m = RMSNorm_q,m(h_m)  [B, T, M, D]
+    s_m    = <q_m, k_m> / sqrt(D);  alpha_m = sigmoid(sign(s) sqrt(max(|s|, 1e-6)))
+    u_m    = alpha_m * (W_V e + b_V)                               [B, T, M, D]
+    Y      = u + SiLU(CausalDepthwiseConv_dilation=N(RMSNorm_m(u)))  (eq. 5)
+
+The M key projections and the value projection are one fused matmul. The conv starts at zero,
+so at initialisation the layer outputs exactly the gated value `u`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax.layers.norms import FLOAT32_EPS, rms_norm
+
+# The gate's signed square root keeps a floor on |s| so its gradient stays finite at 0.
+_GATE_FLOOR = 1e-6
+
+
+def check_engram_inputs(hidden_shape, rows_shape) -> None:
+  """Raises ValueError unless hidden [B, T, M, D] / [B, T, D] and rows [B, T, H, Dh] agree."""
+  if len(hidden_shape) not in (3, 4):
+    raise ValueError(
+        f"hidden: expected [B, T, M, D] (or [B, T, D] for M = 1), got shape {tuple(hidden_shape)}"
+    )
+  if len(rows_shape) != 4:
+    raise ValueError(f"rows: expected [B, T, H, Dh], got shape {tuple(rows_shape)}")
+  if tuple(hidden_shape[:2]) != tuple(rows_shape[:2]):
+    raise ValueError(
+        f"rows: expected the same [B, T] as hidden {tuple(hidden_shape[:2])}, "
+        f"got {tuple(rows_shape[:2])}"
+    )
+
+
+def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+  """Depthwise causal convolution with left padding only.
+
+  Args:
+    x: [B, T, C] input.
+    kernel: [W, C] taps; tap W - 1 multiplies the current position, tap i the position
+      (W - 1 - i) * dilation steps back.
+    dilation: spacing of the taps.
+
+  Returns:
+    [B, T, C].
+  """
+  w, t = kernel.shape[0], x.shape[1]
+  y = jnp.zeros_like(x)
+  for i in range(w):
+    lag = (w - 1 - i) * dilation
+    if lag >= t:
+      continue
+    # [B, T - lag, C] -> [B, T, C]: positions before the start read zeros.
+    shifted = jnp.pad(x[:, : t - lag], ((0, 0), (lag, 0), (0, 0)))
+    y = y + shifted * kernel[i][None, None, :]
+  return y
+
+
+class Engram(nn.Module):
+  """Gated Engram memory read plus short convolution (returns the branch update Y).
+
+  Attributes:
+    max_ngram_size: N; the convolution's dilation.
+    kernel_size: W, taps of the short convolution.
+    conv_eps: eps of the convolution's per-branch RMSNorms (1e-5 in the reference).
+    qk_eps: eps of the query/key RMSNorms (float32 machine epsilon in the reference).
+    dtype: compute dtype; norms, the gate and the residual sum run in float32.
+    param_dtype: parameter dtype.
+  """
+
+  max_ngram_size: int = 3
+  kernel_size: int = 4
+  conv_eps: float = 1e-5
+  qk_eps: float = FLOAT32_EPS
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+    """Computes Y for every residual branch.
+
+    Args:
+      hidden: [B, T, M, D] branch hidden states (or [B, T, D] for M = 1).
+      rows: [B, T, H, Dh] memory rows fetched for this layer's hash ids.
+
+    Returns:
+      [B, T, M, D] float32 (the caller adds it to the residual streams); [B, T, D] when
+      `hidden` was given as [B, T, D].
+    """
+    check_engram_inputs(hidden.shape, rows.shape)
+    single_stream = hidden.ndim == 3
+    if single_stream:
+      hidden = hidden[:, :, None, :]  # [B, T, D] -> [B, T, 1, D]
+    b, t, m, d = hidden.shape
+    dm = rows.shape[2] * rows.shape[3]
+    e = rows.reshape(b, t, dm).astype(self.dtype)  # [B, T, H, Dh] -> [B, T, Dm]
+
+    kernel = self.param(
+        "kv_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                             out_axis=(1, 2)),
+            ("engram_memory", "engram_kv", "embed"),
+        ),
+        (dm, m + 1, d),
+        self.param_dtype,
+    )
+    bias = self.param(
+        "kv_bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("engram_kv", "embed")),
+        (m + 1, d),
+        self.param_dtype,
+    )
+    # [B, T, Dm] x [Dm, M+1, D] -> [B, T, M+1, D]: M keys and the shared value in one matmul.
+    kv = jnp.einsum("btc,cjd->btjd", e, kernel.astype(self.dtype))
+    kv = kv + bias.astype(self.dtype)[None, None]
+    key, value = kv[:, :, :m], kv[:, :, m]  # [B, T, M, D], [B, T, D]
+
+    def branch_scale(name):
+      return self.param(
+          name,
+          nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
+          (m, d),
+          self.param_dtype,
+      )
+
+    k = rms_norm(key.astype(jnp.float32), branch_scale("key_norm"), self.qk_eps)
+    q = rms_norm(hidden.astype(jnp.float32), branch_scale("query_norm"), self.qk_eps)
+    s = jnp.sum(q * k, axis=-1) / jnp.sqrt(jnp.float32(d))  # [B, T, M]
+    s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), _GATE_FLOOR))
+    gate = jax.nn.sigmoid(s)  # [B, T, M]
+    self.sow("intermediates", "gate", gate)
+
+    # [B, T, M, 1] * [B, T, 1, D] -> [B, T, M, D]
+    u = gate[..., None] * value[:, :, None, :].astype(jnp.float32)
+    un = rms_norm(u, branch_scale("conv_norm"), self.conv_eps)
+    conv_kernel = self.param(
+        "conv_kernel",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("conv_taps", "engram_channels")),
+        (self.kernel_size, m * d),
+        self.param_dtype,
+    )
+    # [B, T, M, D] -> [B, T, C]: branches side by side as channels.
+    y = causal_depthwise_conv(
+        un.reshape(b, t, m * d).astype(self.dtype),
+        conv_kernel.astype(self.dtype),
+        self.max_ngram_size,
+    )
+    y = jax.nn.silu(y.astype(jnp.float32)).reshape(b, t, m, d)  # [B, T, C] -> [B, T, M, D]
+    out = u + y
+    return out[:, :, 0] if single_stream else out

@@ -1,0 +1,116 @@
+"""Tests for engram_jax/layers/engram.py."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax.layers.engram import Engram, causal_depthwise_conv
+
+B, T, M, D, H, DH = 2, 11, 4, 16, 4, 8
+
+
+def _inputs(seed=0, m=M):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(k1, (B, T, m, D)), jax.random.normal(k2, (B, T, H, DH))
+
+
+def _gated_value(params, hidden, rows):
+  """Spec §4 written out with NumPy, without the convolution."""
+  p = {k: np.asarray(v) for k, v in params.items()}
+  e = np.asarray(rows).reshape(B, T, H * DH)
+  kv = np.einsum("btc,cjd->btjd", e, p["kv_kernel"]) + p["kv_bias"]
+  eps = np.finfo(np.float32).eps
+
+  def norm(x, w):
+    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * w
+
+  k = norm(kv[:, :, :M], p["key_norm"])
+  q = norm(np.asarray(hidden), p["query_norm"])
+  s = (q * k).sum(-1) / np.sqrt(D)
+  s = np.sign(s) * np.sqrt(np.maximum(np.abs(s), 1e-6))
+  gate = 1 / (1 + np.exp(-s))
+  return gate[..., None] * kv[:, :, M][:, :, None, :]
+
+
+class EngramTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_init_output_is_gated_value(self):
+    hidden, rows = _inputs()
+    layer = Engram(max_ngram_size=3, kernel_size=4)
+    params = nn.unbox(layer.init(jax.random.key(1), hidden, rows))["params"]
+    out = self.variant(layer.apply)({"params": params}, hidden, rows)
+    chex.assert_shape(out, (B, T, M, D))
+    np.testing.assert_allclose(out, _gated_value(params, hidden, rows), rtol=1e-4, atol=1e-5)
+
+  def test_single_stream_shape(self):
+    hidden, rows = _inputs(m=1)
+    layer = Engram()
+    variables = layer.init(jax.random.key(1), hidden[:, :, 0], rows)
+    out = layer.apply(variables, hidden[:, :, 0], rows)
+    chex.assert_shape(out, (B, T, D))
+    np.testing.assert_allclose(out, layer.apply(variables, hidden, rows)[:, :, 0], rtol=1e-6)
+
+  def test_causal_in_rows(self):
+    hidden, rows = _inputs()
+    layer = Engram(max_ngram_size=2, kernel_size=3)
+    params = nn.unbox(layer.init(jax.random.key(1), hidden, rows))["params"]
+    params["conv_kernel"] = jax.random.normal(jax.random.key(2), params["conv_kernel"].shape)
+    t = 5
+    grad = jax.grad(lambda r: layer.apply({"params": params}, hidden, r)[:, t].sum())(rows)
+    assert np.all(np.asarray(grad[:, t + 1:]) == 0)
+    assert np.any(np.asarray(grad[:, t]) != 0) and np.any(np.asarray(grad[:, t - 2]) != 0)
+
+  def test_bfloat16_compute_close_to_float32(self):
+    hidden, rows = _inputs()
+    f32 = Engram()
+    params = f32.init(jax.random.key(1), hidden, rows)
+    out32 = f32.apply(params, hidden, rows)
+    out16 = Engram(dtype=jnp.bfloat16).apply(params, hidden, rows)
+    assert out16.dtype == jnp.float32
+    np.testing.assert_allclose(out16, out32, atol=0.1, rtol=0.05)
+
+  def test_params_carry_logical_axes(self):
+    hidden, rows = _inputs()
+    variables = Engram().init(jax.random.key(1), hidden, rows)
+    specs = nn.get_partition_spec(variables)["params"]
+    assert tuple(specs["kv_kernel"]) == ("engram_memory", "engram_kv", "embed")
+    assert tuple(specs["conv_kernel"]) == ("conv_taps", "engram_channels")
+    assert np.all(np.asarray(nn.unbox(variables)["params"]["conv_kernel"]) == 0)
+
+  def test_gate_is_sown(self):
+    hidden, rows = _inputs()
+    layer = Engram()
+    variables = layer.init(jax.random.key(1), hidden, rows)
+    _, state = layer.apply(variables, hidden, rows, mutable=["intermediates"])
+    (gate,) = state["intermediates"]["gate"]
+    chex.assert_shape(gate, (B, T, M))
+    assert np.all((np.asarray(gate) > 0) & (np.asarray(gate) < 1))
+
+  def test_shape_mismatch_errors(self):
+    hidden, rows = _inputs()
+    layer = Engram()
+    with pytest.raises(ValueError, match=r"same \[B, T\]"):
+      layer.init(jax.random.key(0), hidden, rows[:, :-1])
+    with pytest.raises(ValueError, match=r"rows: expected \[B, T, H, Dh\]"):
+      layer.init(jax.random.key(0), hidden, rows[..., 0])
+    with pytest.raises(ValueError, match="hidden: expected"):
+      layer.init(jax.random.key(0), hidden[..., 0, 0], rows)
+
+
+def test_causal_depthwise_conv_matches_direct_sum():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 13, 5)).astype(np.float32)
+  kernel = rng.normal(size=(4, 5)).astype(np.float32)
+  dil = 3
+  want = np.zeros_like(x)
+  for t in range(13):
+    for i in range(4):
+      src = t - (3 - i) * dil
+      if src >= 0:
+        want[:, t] += kernel[i] * x[:, src]
+  got = causal_depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), dil)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

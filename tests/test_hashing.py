@@ -1,0 +1,141 @@
+"""Tests for engram_jax/hashing.py: bit-exact to the official demo, host == device path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax import hashing
+from engram_jax.hashing import NgramHasher
+from engram_jax.tokenization import TokenizerCompressor
+
+
+def reference_hash(x, mults, sizes, pad_id, n_max, k):
+  """The demo's structure: pad-shift, multiply, XOR, one modulo per head."""
+  t = x.shape[1]
+  shifts = [x] + [np.pad(x, ((0, 0), (s, 0)), constant_values=pad_id)[:, :t]
+                  for s in range(1, n_max)]
+  out = []
+  for n in range(2, n_max + 1):
+    mix = shifts[0] * mults[0]
+    for s in range(1, n):
+      mix = np.bitwise_xor(mix, shifts[s] * mults[s])
+    out += [mix % sizes[(n - 2) * k + j] for j in range(k)]
+  return np.stack(out, axis=2)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_vectors, demo_tokenizer_path):
+  config, _, arrays = demo_vectors
+  comp = TokenizerCompressor.from_file(demo_tokenizer_path)
+  hasher = NgramHasher(
+      comp.num_compressed, config["engram_vocab_size"], config["max_ngram_size"],
+      config["n_head_per_ngram"], config["layer_ids"], int(comp.lookup[config["pad_id"]]),
+      config["seed"],
+  )
+  return config, arrays, comp, hasher
+
+
+def test_bit_exact_to_demo(demo):
+  config, arrays, comp, hasher = demo
+  ids = comp(arrays["input_ids"])
+  assert hasher.pad_id == int(arrays["pad_compressed"])
+  all_ids = hasher.hash_all(ids)
+  for layer in config["layer_ids"]:
+    np.testing.assert_array_equal(hasher.multipliers(layer), arrays[f"mult_layer{layer}"])
+    np.testing.assert_array_equal(hasher.table_sizes(layer), arrays[f"sizes_layer{layer}"])
+    got = hasher(ids, layer)
+    assert got.dtype == np.int64 and got.shape == (*ids.shape, 8)
+    np.testing.assert_array_equal(got, arrays[f"hash_layer{layer}"])
+    np.testing.assert_array_equal(all_ids[layer], got)
+
+
+def test_device_path_equals_demo_under_jit(demo):
+  config, arrays, comp, hasher = demo
+  ids = jnp.asarray(comp(arrays["input_ids"]), jnp.int32)
+  for layer in config["layer_ids"]:
+    got = jax.jit(hasher.device_fn(layer))(ids)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), arrays[f"hash_layer{layer}"])
+
+
+@pytest.mark.parametrize(
+    ("vocab", "bases", "n_max", "k"),
+    [(129_280, (2_262_400, 2_262_400), 3, 8), (2**31 - 1, (2**30, 2**29, 7), 4, 2),
+     (50, (11, 13), 3, 3)],
+)
+def test_device_path_equals_host_near_vocab_bound(vocab, bases, n_max, k):
+  hasher = NgramHasher(vocab, bases, n_max, k, [0, 3], pad_id=vocab - 1, seed=11)
+  rng = np.random.default_rng(0)
+  x = rng.integers(max(0, vocab - 1000), vocab, size=(3, 70))
+  x[0, :10] = rng.integers(0, vocab, size=10)
+  x[1, 5] = 0
+  for layer in (0, 3):
+    host = hasher(x, layer)
+    dev = jax.jit(hasher.device_fn(layer))(jnp.asarray(x, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(dev), host)
+
+
+@pytest.mark.parametrize("shape", [(1, 40_000), (7, 5_003), (2, 1), (3, 2), (64, 300)])
+def test_chunked_host_path_equals_reference(shape):
+  hasher = NgramHasher(100_000, (20_011, 10_007, 5_003), 4, 3, [2, 0], pad_id=17, seed=5)
+  x = np.random.default_rng(1).integers(0, 100_000, size=shape)
+  got = hasher.hash_all(x)
+  for layer in (2, 0):
+    want = reference_hash(x, hasher.multipliers(layer), hasher.table_sizes(layer), 17, 4, 3)
+    np.testing.assert_array_equal(got[layer], want)
+
+
+def test_primes_distinct_and_above_bases():
+  sizes = hashing.table_sizes_for_layers((7_239_680, 7_239_680), 8, (1, 14))
+  flat = [s for layer in (1, 14) for s in sizes[layer]]
+  assert len(set(flat)) == 32
+  assert all(s > 7_239_679 and hashing.is_prime(s) for s in flat)
+  # Heads of one order take consecutive primes: nothing prime lies between them.
+  first = sizes[1][:8]
+  assert not any(hashing.is_prime(n) for n in range(first[0] + 1, first[1]))
+
+
+def test_is_prime_matches_trial_division():
+  def slow(n):
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+  assert [n for n in range(3000) if hashing.is_prime(n)] == [n for n in range(3000) if slow(n)]
+  assert hashing.is_prime(2**61 - 1) and not hashing.is_prime(2**61 + 1)
+
+
+def test_bad_ids_and_layers():
+  hasher = NgramHasher(100, (11, 13), 3, 2, [0], pad_id=0, seed=0)
+  with pytest.raises(ValueError, match="layer_id"):
+    hasher(np.zeros((1, 4), np.int64), 5)
+  with pytest.raises(ValueError, match=r"rank 2 \[B, T\]"):
+    hasher(np.zeros((4,), np.int64), 0)
+  with pytest.raises(ValueError, match="integer"):
+    hasher.hash_all(np.zeros((1, 4), np.float32))
+  with pytest.raises(ValueError, match=r"\[0, 100\)"):
+    hasher.hash_all(np.array([[1, 100]]))
+  with pytest.raises(ValueError, match=r"\[0, 100\)"):
+    hasher.hash_all(np.array([[1, -1]]))
+  with pytest.raises(ValueError, match="layer_id"):
+    hasher.device_fn(9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"table_bases": (11,)}, "table_bases"),
+        ({"max_ngram_size": 1, "table_bases": ()}, "max_ngram_size"),
+        ({"heads_per_ngram": 0}, "heads_per_ngram"),
+        ({"layer_ids": [-1]}, "layer_ids"),
+        ({"layer_ids": [1, 1]}, "layer_ids"),
+        ({"table_bases": (11, 1)}, "table_bases"),
+        ({"pad_id": 100}, "pad_id"),
+        ({"compressed_vocab_size": 0, "pad_id": 0}, "compressed_vocab_size"),
+    ],
+)
+def test_bad_hasher_arguments(kwargs, field):
+  args = dict(compressed_vocab_size=100, table_bases=(11, 13), max_ngram_size=3,
+              heads_per_ngram=2, layer_ids=[0], pad_id=0, seed=0)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=field):
+    NgramHasher(**args)
