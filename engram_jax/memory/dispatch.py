@@ -1,0 +1,108 @@
+"""Chooses how a table lookup runs: the Pallas kernels or XLA's gather.
+
+`lookup(table, ids, offsets)` reads row `ids[..., h] + offsets[h]` for every head h. Two
+implementations return identical rows:
+
+- 'pallas': one fused gather kernel for all heads (`pallas_kernels.lookup`), whose gradient is
+  the deterministic sort-and-sum scatter-add. Off a GPU it runs in Pallas interpret mode (slow,
+  for tests).
+- 'xla': `jnp.take` on the flat row ids; the gradient is XLA's scatter-add.
+
+'auto' picks 'pallas' when the default backend is a GPU and 'xla' elsewhere. When the caller
+passes `implementation=None`, the environment variable `ENGRAM_LOOKUP_IMPL` (pallas|xla|auto)
+chooses, and 'auto' if it is unset. The choice is made at trace time: a jitted function keeps the
+implementation it was traced with.
+
+Out-of-range rows are clamped to [0, R) by both implementations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.lookup import lookup as pallas_lookup
+
+ENV_VAR = "ENGRAM_LOOKUP_IMPL"
+IMPLEMENTATIONS = ("pallas", "xla", "auto")
+
+
+def resolve_implementation(implementation: str | None = None) -> str:
+  """Turns an implementation name (or None: the environment, then 'auto') into 'pallas'/'xla'.
+
+  Args:
+    implementation: 'pallas', 'xla', 'auto' or None.
+
+  Returns:
+    'pallas' or 'xla'.
+
+  Raises:
+    ValueError: for any other name, in the argument or in `ENGRAM_LOOKUP_IMPL`.
+  """
+  source = "implementation"
+  if implementation is None:
+    implementation = os.environ.get(ENV_VAR) or "auto"
+    source = ENV_VAR
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{source}: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return implementation
+
+
+def _check(table: jax.Array, ids: jax.Array, offsets: jax.Array) -> None:
+  if table.ndim != 2:
+    raise ValueError(f"table: expected rank 2 [R, Dh], got shape {tuple(table.shape)}")
+  if ids.ndim < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"ids: expected an integer array [..., H], got {ids.dtype}{list(ids.shape)}")
+  if offsets.ndim != 1 or not jnp.issubdtype(offsets.dtype, jnp.integer):
+    raise ValueError(
+      f"offsets: expected a rank-1 integer array [H], got {offsets.dtype}{list(offsets.shape)}"
+    )
+  if ids.shape[-1] != offsets.shape[0]:
+    raise ValueError(
+      f"ids: last axis ({ids.shape[-1]}) must equal the number of offsets ({offsets.shape[0]})"
+    )
+
+
+def lookup(
+  table: jax.Array,
+  ids: jax.Array,
+  offsets: jax.Array,
+  *,
+  implementation: str | None = None,
+) -> jax.Array:
+  """Reads every head's row from one flat table.
+
+  Shapes: ... any leading axes (e.g. B, T), H heads, R table rows, Dh row width, N tokens.
+
+  Args:
+    table: [R, Dh] the flat table of all heads.
+    ids: [..., H] integer row ids, each relative to its head's offset.
+    offsets: [H] integer first row of each head.
+    implementation: 'pallas', 'xla' or 'auto'; None reads `ENGRAM_LOOKUP_IMPL` (default
+      'auto': Pallas on a GPU, XLA elsewhere).
+
+  Returns:
+    [..., H, Dh] rows in the table's dtype.
+
+  Raises:
+    ValueError: for an unknown implementation, a table that is not 2-D, non-integer ids or
+      offsets, or ids whose last axis differs from the number of offsets.
+  """
+  table = jnp.asarray(table)
+  ids = jnp.asarray(ids)
+  offsets = jnp.asarray(offsets)
+  _check(table, ids, offsets)
+  chosen = resolve_implementation(implementation)
+  *lead, h = ids.shape
+  flat_ids = ids.astype(jnp.int32).reshape(-1, h)  # [..., H] -> [N, H]
+  offsets = offsets.astype(jnp.int32)
+  if chosen == "pallas":
+    rows = pallas_lookup(table, flat_ids, offsets)
+  else:
+    flat_rows = flat_ids + offsets[None, :]  # [N, H] + [1, H] -> [N, H]
+    rows = jnp.take(table, flat_rows, axis=0, mode="clip")  # [N, H] -> [N, H, Dh]
+  return rows.reshape(*lead, h, table.shape[1])  # [N, H, Dh] -> [..., H, Dh]

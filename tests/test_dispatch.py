@@ -1,0 +1,109 @@
+"""Tests of the lookup dispatch: both implementations agree and the switch really switches."""
+
+import functools
+
+import chex
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax.memory import dispatch
+
+OFFSETS = np.array([0, 11, 18], np.int32)
+NUM_ROWS = 31
+WIDTH = 24
+
+
+def _primitives(jaxpr) -> set[str]:
+  """Names of every primitive in a jaxpr, nested jaxprs included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+def _used(implementation, table, ids) -> set[str]:
+  fn = functools.partial(dispatch.lookup, implementation=implementation)
+  return _primitives(jax.make_jaxpr(fn)(table, ids, OFFSETS).jaxpr)
+
+
+def _inputs(dtype=jnp.float32):
+  table = jax.random.normal(jax.random.key(0), (NUM_ROWS, WIDTH), jnp.float32).astype(dtype)
+  rng = np.random.default_rng(0)
+  ids = np.stack([rng.integers(0, s, size=(2, 5)) for s in (11, 7, 13)], axis=-1)  # [B, T, H]
+  ids[0, 0, 0] = 0
+  ids[-1, -1, -1] = 12  # the table's last row
+  return table, jnp.asarray(ids, jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_implementations_return_identical_rows(dtype):
+  table, ids = _inputs(dtype)
+  pallas = jax.jit(functools.partial(dispatch.lookup, implementation="pallas"))
+  xla = jax.jit(functools.partial(dispatch.lookup, implementation="xla"))
+  rows = pallas(table, ids, OFFSETS)
+  chex.assert_shape(rows, (2, 5, 3, WIDTH))
+  assert rows.dtype == dtype
+  chex.assert_trees_all_equal(rows, xla(table, ids, OFFSETS))
+  expected = np.asarray(table)[np.asarray(ids) + OFFSETS]
+  np.testing.assert_array_equal(np.asarray(rows), expected)
+
+
+def test_gradients_agree():
+  table, ids = _inputs()
+  weights = jax.random.normal(jax.random.key(1), (2, 5, 3, WIDTH))
+
+  def grad(implementation):
+    loss = lambda t: jnp.sum(
+      dispatch.lookup(t, ids, OFFSETS, implementation=implementation) * weights
+    )
+    return jax.jit(jax.grad(loss))(table)
+
+  chex.assert_trees_all_close(grad("pallas"), grad("xla"), rtol=1e-6, atol=1e-6)
+
+
+def test_forcing_switches_the_implementation(monkeypatch):
+  table, ids = _inputs()
+  monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+  assert "pallas_call" in _used("pallas", table, ids)
+  assert "pallas_call" not in _used("xla", table, ids)
+  assert "gather" in _used("xla", table, ids)
+  assert "pallas_call" not in _used("auto", table, ids)  # CPU: auto is XLA
+  assert "pallas_call" not in _used(None, table, ids)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert dispatch.resolve_implementation("auto") == "pallas"
+  assert "pallas_call" in _used(None, table, ids)
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+  table, ids = _inputs()
+  monkeypatch.setenv(dispatch.ENV_VAR, "pallas")
+  assert "pallas_call" in _used(None, table, ids)
+  assert "pallas_call" not in _used("xla", table, ids)  # an explicit argument wins
+  monkeypatch.setenv(dispatch.ENV_VAR, "xla")
+  assert "pallas_call" not in _used(None, table, ids)
+  assert "pallas_call" in _used("pallas", table, ids)
+  monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+  with pytest.raises(ValueError, match=r"ENGRAM_LOOKUP_IMPL.*\('pallas', 'xla', 'auto'\)"):
+    dispatch.lookup(table, ids, OFFSETS)
+
+
+@pytest.mark.parametrize(
+  ("table_shape", "ids", "offsets", "message"),
+  [
+    ((NUM_ROWS, WIDTH), np.zeros((2, 3), np.int32), OFFSETS, r"expected one of"),
+    ((NUM_ROWS,), np.zeros((2, 3), np.int32), OFFSETS, r"table: expected rank 2"),
+    ((NUM_ROWS, WIDTH), np.zeros((2, 3), np.float32), OFFSETS, r"ids: expected an integer"),
+    ((NUM_ROWS, WIDTH), np.zeros((2, 4), np.int32), OFFSETS, r"last axis \(4\).*offsets \(3\)"),
+    ((NUM_ROWS, WIDTH), np.zeros((2, 3), np.int32), OFFSETS[None], r"offsets: expected a rank-1"),
+    ((NUM_ROWS, WIDTH), np.zeros((2, 3), np.int32), OFFSETS * 1.0, r"offsets: expected a rank-1"),
+  ],
+)
+def test_rejects_bad_arguments(table_shape, ids, offsets, message):
+  implementation = "gather" if message == r"expected one of" else "xla"
+  with pytest.raises(ValueError, match=message):
+    dispatch.lookup(jnp.zeros(table_shape), ids, offsets, implementation=implementation)
