@@ -1,0 +1,210 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, auxiliary-loss-free balancing.
+
+Routing follows DeepSeek-V3: token-to-expert affinities are sigmoids `s_i = sigmoid(u . e_i)`;
+the top-k experts are chosen by `s_i + b_i`, where `b` is a per-expert balancing bias that only
+steers the choice; the gates are the chosen `s_i` renormalised over the k chosen experts. The
+bias is not trained by gradients: after each step the caller nudges it with
+`update_expert_bias` against the measured load (overloaded experts down, idle ones up).
+
+Dispatch never builds a [tokens x experts x capacity] one-hot and drops no token: the N*K
+(token, expert) assignments are sorted by expert, the token rows gathered in that order, every
+expert run on its contiguous slice with `jax.lax.ragged_dot`, and the results un-sorted and
+summed per token with the gates.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax.layers.ffn import FeedForward
+
+
+def update_expert_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Auxiliary-loss-free balancing step (DeepSeek-V3).
+
+  Args:
+    bias: [E] current balancing bias.
+    load: [E] fraction of the assignments each expert received (as returned by `MoE`).
+    rate: the bias update speed (gamma).
+
+  Returns:
+    [E] `bias + rate * sign(mean(load) - load)`: experts above the mean load are pushed down,
+    experts below it pulled up.
+  """
+  return bias + rate * jnp.sign(jnp.mean(load) - load)
+
+
+def route(
+  scores: jax.Array, bias: jax.Array, top_k: int, routed_scaling: float
+) -> tuple[jax.Array, jax.Array]:
+  """Top-k selection by `scores + bias`, gates from `scores` alone.
+
+  Args:
+    scores: [N, E] sigmoid affinities (float32).
+    bias: [E] balancing bias; only affects which experts are chosen.
+    top_k: K, experts per token.
+    routed_scaling: factor applied to the normalised gates.
+
+  Returns:
+    (gates [N, K] float32 summing to `routed_scaling` per token, expert ids [N, K] int32).
+  """
+  # [N, E] + [1, E] -> [N, E]; the bias carries no gradient (it is not a trained parameter).
+  _, experts = jax.lax.top_k(scores + jax.lax.stop_gradient(bias)[None, :], top_k)
+  # [N, E] -> [N, K]
+  chosen = jnp.take_along_axis(scores, experts, axis=-1)
+  gates = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * routed_scaling
+  return gates, experts.astype(jnp.int32)
+
+
+def _expert_init(in_axis: int, out_axis: int):
+  # Fan-in scaled per expert: axis 0 indexes experts and does not count towards the fan.
+  return nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis, batch_axis=(0,)
+  )
+
+
+class MoE(nn.Module):
+  """DeepSeekMoE feed-forward layer.
+
+  Params (logical axis names): `router` [D, E] ("embed", "expert"); `w_gate`, `w_up` [E, D, F]
+  ("expert", "embed", "mlp"); `w_down` [E, F, D] ("expert", "mlp", "embed"); with
+  `num_shared > 0`, a `shared` `FeedForward` of width `num_shared * expert_hidden` (the shared
+  experts are always on and summed, which is one SwiGLU of the concatenated width).
+  Collection "balance": `expert_bias` [E] ("expert",), zeros at init. The module only reads
+  it: pass it with the params at apply time and update it outside the gradient step with
+  `update_expert_bias` (on the unboxed value, `flax.linen.unbox`).
+
+  Attributes:
+    num_experts: E, routed experts.
+    top_k: K, routed experts per token.
+    expert_hidden: F, hidden width of one routed (and one shared) expert.
+    num_shared: number of shared experts (0 for none).
+    routed_scaling: factor on the routed gates (they sum to it per token).
+    dtype: compute dtype of the experts; the router always runs in float32.
+    param_dtype: dtype of the weights.
+  """
+
+  num_experts: int
+  top_k: int
+  expert_hidden: int
+  num_shared: int = 1
+  routed_scaling: float = 1.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Routes every token to its top-k experts and adds the shared experts.
+
+    Shapes: B batch, T sequence, N = B*T tokens, D model width, E experts, K top-k, F expert
+    hidden width.
+
+    Args:
+      x: [B, T, D] inputs.
+
+    Returns:
+      (y [B, T, D] in `dtype`, load [E] float32: the fraction of the N*K assignments that went
+      to each expert; it sums to 1).
+    """
+    if not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+    b, t, d = x.shape
+    e, k, f = self.num_experts, self.top_k, self.expert_hidden
+    n = b * t
+
+    router = self.param(
+      "router",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "expert")),
+      (d, e),
+      self.param_dtype,
+    )
+    w_gate = self.param(
+      "w_gate",
+      nn.with_logical_partitioning(_expert_init(1, 2), ("expert", "embed", "mlp")),
+      (e, d, f),
+      self.param_dtype,
+    )
+    w_up = self.param(
+      "w_up",
+      nn.with_logical_partitioning(_expert_init(1, 2), ("expert", "embed", "mlp")),
+      (e, d, f),
+      self.param_dtype,
+    )
+    w_down = self.param(
+      "w_down",
+      nn.with_logical_partitioning(_expert_init(1, 2), ("expert", "mlp", "embed")),
+      (e, f, d),
+      self.param_dtype,
+    )
+    bias = self.variable(
+      "balance",
+      "expert_bias",
+      nn.with_logical_partitioning(jnp.zeros, ("expert",)),
+      (e,),
+      jnp.float32,
+    ).value
+
+    # [B, T, D] -> [N, D]
+    tokens = x.reshape(n, d)
+    # [N, D] x [D, E] -> [N, E]; routing decisions are made in float32.
+    logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), router.astype(jnp.float32))
+    gates, experts = route(jax.nn.sigmoid(logits), bias, k, self.routed_scaling)
+
+    # [N, K] -> [N*K]: assignment a = token * K + slot.
+    flat_experts = experts.reshape(n * k)
+    group_sizes = jnp.bincount(flat_experts, length=e).astype(jnp.int32)
+    # Stable sort keeps each expert's tokens in token order; `order` lists assignment ids.
+    order = jnp.argsort(flat_experts, stable=True)
+    # [N, D] -> [N*K, D]: token rows in expert order.
+    sorted_tokens = tokens.astype(self.dtype)[order // k]
+    routed = self._run_experts(sorted_tokens, w_gate, w_up, w_down, group_sizes)
+    # Inverse permutation: position of each assignment in the sorted order.
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+    # [N*K, D] -> [N, K, D]: back to assignment order.
+    routed = routed[inverse].reshape(n, k, d)
+    # [N, K, D] x [N, K] -> [N, D]: gate-weighted sum over each token's experts.
+    y = jnp.einsum("nkd,nk->nd", routed.astype(jnp.float32), gates).astype(self.dtype)
+    # [N, D] -> [B, T, D]
+    y = y.reshape(b, t, d)
+
+    if self.num_shared > 0:
+      shared = FeedForward(
+        hidden_dim=self.num_shared * f,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="shared",
+      )
+      y = y + shared(x)
+    load = group_sizes.astype(jnp.float32) / (n * k)
+    return y, load
+
+  def _run_experts(
+    self,
+    rows: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    group_sizes: jax.Array,
+  ) -> jax.Array:
+    """SwiGLU of each expert on its contiguous block of rows.
+
+    Args:
+      rows: [N*K, D] token rows sorted by expert.
+      w_gate: [E, D, F] gate weights.
+      w_up: [E, D, F] up weights.
+      w_down: [E, F, D] down weights.
+      group_sizes: [E] rows per expert, summing to N*K.
+
+    Returns:
+      [N*K, D] expert outputs in `dtype`, in the same (sorted) order.
+    """
+    dt = self.dtype
+    # [N*K, D] x [E, D, F] -> [N*K, F]
+    gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), group_sizes)
+    # [N*K, D] x [E, D, F] -> [N*K, F]
+    up = jax.lax.ragged_dot(rows, w_up.astype(dt), group_sizes)
+    hidden = jax.nn.silu(gate) * up
+    # [N*K, F] x [E, F, D] -> [N*K, D]
+    return jax.lax.ragged_dot(hidden, w_down.astype(dt), group_sizes)

@@ -1,0 +1,167 @@
+"""Tests for engram_jax/layers/moe.py: ragged dispatch against a dense reference, routing rules."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+from engram_jax.layers.moe import MoE, route, update_expert_bias
+
+B, T, D = 2, 5, 8
+E, K, F = 6, 2, 4
+N = B * T
+
+
+def _module(**kw):
+  args = dict(num_experts=E, top_k=K, expert_hidden=F, num_shared=1, routed_scaling=1.0)
+  args.update(kw)
+  return MoE(**args)
+
+
+def _setup(**kw):
+  module = _module(**kw)
+  x = jax.random.normal(jax.random.key(0), (B, T, D))
+  variables = nn.unbox(jax.jit(module.init)(jax.random.key(1), x))
+  return module, variables, x
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+  return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def dense_reference(variables, x, top_k, routed_scaling):
+  """Every expert on every token, masked by the routing weights (no sorting, no ragged_dot)."""
+  p = variables["params"]
+  bias = variables["balance"]["expert_bias"]
+  tokens = x.reshape(N, D)
+  scores = jax.nn.sigmoid(tokens @ p["router"])
+  # Selection by score + bias via a full descending sort (independent of lax.top_k).
+  chosen = jnp.argsort(-(scores + bias[None, :]), axis=-1)[:, :top_k]
+  picked = jnp.take_along_axis(scores, chosen, axis=-1)
+  gates = picked / jnp.sum(picked, axis=-1, keepdims=True) * routed_scaling
+  weights = jnp.sum(jax.nn.one_hot(chosen, E) * gates[:, :, None], axis=1)  # [N, E]
+  hidden = jax.nn.silu(jnp.einsum("nd,edf->nef", tokens, p["w_gate"])) * jnp.einsum(
+    "nd,edf->nef", tokens, p["w_up"]
+  )
+  per_expert = jnp.einsum("nef,efd->ned", hidden, p["w_down"])
+  routed = jnp.einsum("ne,ned->nd", weights, per_expert)
+  shared = p["shared"]
+  y = routed + _swiglu(tokens, shared["w_gate"], shared["w_up"], shared["w_down"])
+  return y.reshape(B, T, D), chosen
+
+
+_dense = jax.jit(dense_reference, static_argnums=(2, 3))
+
+
+class MoETest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ragged_matches_dense_forward(self):
+    module, variables, x = _setup()
+    y, load = self.variant(module.apply)(variables, x)
+    expected, _ = _dense(variables, x, K, 1.0)
+    chex.assert_shape([y, load], [(B, T, D), (E,)])
+    chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+
+  def test_ragged_matches_dense_gradients(self):
+    module, variables, x = _setup(routed_scaling=2.0)
+    cot = jax.random.normal(jax.random.key(5), (B, T, D))
+
+    def loss_ragged(params, x_):
+      y, _ = module.apply({**variables, "params": params}, x_)
+      return jnp.sum(y * cot)
+
+    def loss_dense(params, x_):
+      y, _ = dense_reference({**variables, "params": params}, x_, K, 2.0)
+      return jnp.sum(y * cot)
+
+    grad = jax.jit(jax.grad(loss_ragged, argnums=(0, 1)))
+    got = grad(variables["params"], x)
+    want = jax.jit(jax.grad(loss_dense, argnums=(0, 1)))(variables["params"], x)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)
+    # Every routed weight and the router get a gradient (the gates carry the router's).
+    for name in ("router", "w_gate", "w_up", "w_down"):
+      self.assertGreater(float(jnp.max(jnp.abs(got[0][name]))), 0.0, msg=name)
+
+  def test_bias_steers_selection_but_not_gates(self):
+    scores = jnp.array([[0.9, 0.8, 0.1, 0.2]])
+    bias = jnp.array([0.0, 0.0, 1.0, 0.0])
+    gates, experts = route(scores, bias, 2, 1.0)
+    # Without the bias experts {0, 1} win; with it expert 2 displaces expert 1.
+    self.assertEqual(set(np.asarray(experts[0]).tolist()), {0, 2})
+    picked = {int(e): float(g) for e, g in zip(experts[0], gates[0], strict=True)}
+    np.testing.assert_allclose(picked[0], 0.9 / 1.0, rtol=1e-6)
+    np.testing.assert_allclose(picked[2], 0.1 / 1.0, rtol=1e-6)
+
+  def test_bias_in_module_flips_choice_with_unbiased_gates(self):
+    module, variables, x = _setup()
+    _, unbiased_choice = _dense(variables, x, K, 1.0)
+    # A large bias on expert 3 puts it in every token's top-k, which the scores alone do not.
+    bias = jnp.zeros((E,)).at[3].set(10.0)
+    flipped = {**variables, "balance": {"expert_bias": bias}}
+    y, load = jax.jit(module.apply)(flipped, x)
+    expected, choice = _dense(flipped, x, K, 1.0)
+    self.assertTrue(bool(jnp.all(jnp.any(choice == 3, axis=-1))))
+    self.assertFalse(bool(jnp.all(jnp.any(unbiased_choice == 3, axis=-1))))
+    np.testing.assert_allclose(load[3], 1.0 / K, rtol=1e-6)
+    chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+
+  def test_gates_sum_to_routed_scaling(self):
+    scores = jax.nn.sigmoid(jax.random.normal(jax.random.key(3), (N, E)))
+    bias = jax.random.normal(jax.random.key(4), (E,))
+    gates, experts = route(scores, bias, K, 2.5)
+    chex.assert_shape([gates, experts], [(N, K), (N, K)])
+    np.testing.assert_allclose(jnp.sum(gates, axis=-1), np.full(N, 2.5), rtol=1e-6)
+    self.assertTrue(bool(jnp.all(gates > 0.0)))
+
+  def test_load_sums_to_one_and_counts_assignments(self):
+    module, variables, x = _setup()
+    _, load = jax.jit(module.apply)(variables, x)
+    _, choice = _dense(variables, x, K, 1.0)
+    counts = np.bincount(np.asarray(choice).ravel(), minlength=E)
+    np.testing.assert_allclose(load, counts / (N * K), rtol=1e-6)
+    np.testing.assert_allclose(jnp.sum(load), 1.0, rtol=1e-6)
+
+  def test_update_expert_bias_pushes_overloaded_experts_down(self):
+    bias = jnp.array([0.0, 0.5, -0.5, 0.0])
+    load = jnp.array([0.5, 0.25, 0.25, 0.0])
+    new = update_expert_bias(bias, load, 0.1)
+    np.testing.assert_allclose(new, [-0.1, 0.5, -0.5, 0.1], atol=1e-7)
+
+  def test_no_token_dropped_when_all_pick_one_expert(self):
+    module, variables, x = _setup(top_k=1, num_shared=0)
+    crowded = {**variables, "balance": {"expert_bias": jnp.zeros((E,)).at[0].set(100.0)}}
+    y, load = jax.jit(module.apply)(crowded, x)
+    np.testing.assert_allclose(load, np.eye(E)[0], atol=0.0)
+    p = crowded["params"]
+    # top_k=1: the gate is s/s = 1, so every token is expert 0's full SwiGLU.
+    expected = _swiglu(x, p["w_gate"][0], p["w_up"][0], p["w_down"][0])
+    chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+    self.assertTrue(bool(jnp.all(jnp.abs(y) > 0.0)))
+
+  def test_params_and_balance_collection(self):
+    module = _module()
+    x = jnp.zeros((B, T, D))
+    variables = jax.jit(module.init)(jax.random.key(0), x)
+    specs = nn.get_partition_spec(variables)
+    self.assertEqual(tuple(specs["params"]["router"]), ("embed", "expert"))
+    self.assertEqual(tuple(specs["params"]["w_gate"]), ("expert", "embed", "mlp"))
+    self.assertEqual(tuple(specs["params"]["w_down"]), ("expert", "mlp", "embed"))
+    self.assertEqual(tuple(specs["balance"]["expert_bias"]), ("expert",))
+    unboxed = nn.unbox(variables)
+    np.testing.assert_array_equal(unboxed["balance"]["expert_bias"], np.zeros(E))
+    chex.assert_shape(unboxed["params"]["w_up"], (E, D, F))
+    chex.assert_shape(unboxed["params"]["shared"]["w_gate"], (D, F))
+
+  def test_bfloat16_compute_path(self):
+    module, variables, x = _setup(dtype=jnp.bfloat16)
+    y, load = jax.jit(module.apply)(variables, x)
+    expected, _ = _dense(variables, x, K, 1.0)
+    self.assertEqual(y.dtype, jnp.bfloat16)
+    self.assertEqual(load.dtype, jnp.float32)
+    chex.assert_trees_all_close(y.astype(jnp.float32), expected, atol=5e-2, rtol=5e-2)
+
+
+if __name__ == "__main__":
+  absltest.main()
