@@ -1,6 +1,7 @@
 """Backbone layers: one module per file, pure functional Flax Linen."""
 
 from engram_jax.layers.attention import CausalSelfAttention, KVCache, apply_rope, rope_angles
+from engram_jax.layers.engram import Engram, causal_depthwise_conv
 from engram_jax.layers.ffn import FeedForward
 from engram_jax.layers.mhc import (
   HyperConnection,
@@ -14,6 +15,7 @@ from engram_jax.layers.norms import RMSNorm, rms_norm
 
 __all__ = [
   "CausalSelfAttention",
+  "Engram",
   "FeedForward",
   "HyperConnection",
   "KVCache",
@@ -21,6 +23,7 @@ __all__ = [
   "RMSNorm",
   "StreamContext",
   "apply_rope",
+  "causal_depthwise_conv",
   "expand_streams",
   "merge_streams",
   "rms_norm",

@@ -1,0 +1,68 @@
+"""Trains a preset on a text corpus (default: the embedded KJV corpus and tokenizer).
+
+    python -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --compare_baseline
+    python -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --resume
+
+Writes metrics.jsonl, results.json, a loss-curve PNG and orbax checkpoints into --workdir.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from engram_jax import presets
+from engram_jax.train import compare, loop
+
+_PRESET = flags.DEFINE_string("preset", "cpu_small", f"One of {sorted(presets.PRESETS)}.")
+_CORPUS = flags.DEFINE_multi_string("corpus", [], "Text files (.txt, .gz, .xz); repeatable. "
+                                    "Default: the embedded corpus.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: embedded).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
+_STEPS = flags.DEFINE_integer("steps", None, "Total steps (with --resume: continue up to it).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per batch.")
+_SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per sequence.")
+_SEED = flags.DEFINE_integer("seed", None, "Seed of parameters, tables and data order.")
+_CKPT = flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
+_EVAL = flags.DEFINE_integer("eval_every", None, "Steps between validation passes.")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --workdir.")
+_BASELINE = flags.DEFINE_bool("compare_baseline", False,
+                              "Also train the iso-parameter MoE baseline and compare.")
+
+
+def _experiment():
+  exp = presets.get(_PRESET.value)
+  overrides = {name: flag.value for name, flag in (
+      ("steps", _STEPS), ("batch_size", _BATCH), ("seq_len", _SEQ), ("seed", _SEED),
+      ("checkpoint_every", _CKPT), ("eval_every", _EVAL)) if flag.value is not None}
+  return dataclasses.replace(exp, train=dataclasses.replace(exp.train, **overrides))
+
+
+def main(argv):
+  del argv
+  try:
+    exp = _experiment()
+    missing = [p for p in _CORPUS.value if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(f"--corpus: file(s) not found: {missing}")
+    if _TOKENIZER.value and not os.path.isfile(_TOKENIZER.value):
+      raise FileNotFoundError(f"--tokenizer: file not found: {_TOKENIZER.value}")
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  kwargs = dict(corpus_files=tuple(_CORPUS.value), tokenizer_file=_TOKENIZER.value,
+                resume=_RESUME.value)
+  try:
+    if _BASELINE.value:
+      results = compare.train_and_compare(exp, _WORKDIR.value, **kwargs)
+      print(compare.format_comparison(results))
+    else:
+      results = loop.train(exp, _WORKDIR.value, label=exp.name, **kwargs)
+      print(json.dumps({k: results[k] for k in ("val_loss", "tokens_per_sec")}, indent=2))
+  except (loop.TrainingDiverged, loop.Interrupted) as e:
+    sys.exit(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
