@@ -57,12 +57,12 @@ def cpu_small_moe() -> ExperimentConfig:
       vocab_size=8192, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
       ffn_hidden=384, num_dense_layers=1,
       moe=MoEConfig(num_experts=16, num_shared=1, top_k=2, expert_hidden=128,
-                    balance_rate=1e-3),
+                    balance_rate=1e-2),
       streams=4,
   )
   return ExperimentConfig(
       "cpu_small_moe", model, OptimConfig(lr=3e-3, warmup_steps=60),
-      TrainConfig(steps=600, batch_size=16, seq_len=128, eval_every=100, eval_batches=16,
+      TrainConfig(steps=600, batch_size=16, seq_len=64, eval_every=100, eval_batches=32,
                   log_every=10, checkpoint_every=100),
   )
 

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from engram_jax import presets
 from engram_jax.train import compare, loop
@@ -42,6 +42,8 @@ def _experiment():
 
 def main(argv):
   del argv
+  # Keep the terminal for the progress bar: orbax logs every save at INFO.
+  logging.set_verbosity(logging.WARNING)
   try:
     exp = _experiment()
     missing = [p for p in _CORPUS.value if not os.path.isfile(p)]

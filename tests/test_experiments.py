@@ -1,0 +1,48 @@
+"""The absl scripts: clear errors for bad flags, and the quickstart's output."""
+
+import subprocess
+import sys
+
+import pytest
+
+from engram_jax.data import default_tokenizer_path
+from engram_jax.quickstart import EXAMPLE, explain, format_rows
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--preset=nope"], "preset: expected one of"),
+        (["--seq_len=2"], "seq_len: expected at least the n-gram order"),
+        (["--corpus=/does/not/exist.txt"], "--corpus: file(s) not found"),
+        (["--steps=0"], "steps: expected an int >= 1"),
+    ],
+)
+def test_train_flag_errors(tmp_path, flags, message):
+  r = _run("experiments.train", f"--workdir={tmp_path}", *flags)
+  assert r.returncode != 0
+  assert message in r.stderr
+
+
+def test_quickstart_rows():
+  rows = explain(EXAMPLE, default_tokenizer_path())
+  text = "".join(r.token for r in rows)
+  assert text == EXAMPLE
+  assert all(len(r.hash_ids) == 8 and len(r.gates) == 4 for r in rows)
+  assert all(0 < g < 1 for r in rows for g in r.gates)
+  # " the" appears twice: same compressed id, different trigram context.
+  the = [r for r in rows if r.token == " the"]
+  assert len(the) == 2 and the[0].compressed_id == the[1].compressed_id
+  assert the[0].hash_ids[4:] != the[1].hash_ids[4:]
+  assert format_rows(rows).count("\n") == len(rows)
+
+
+def test_quickstart_script():
+  r = _run("experiments.quickstart")
+  assert r.returncode == 0, r.stderr
+  assert "Ġ" not in r.stdout and " horse" in r.stdout
