@@ -6,10 +6,21 @@ n-grams are heavy-tailed; hot rows are spread over the table). Bandwidth counts 
 read plus written (2 * N * H * Dh * itemsize) for all three, so the ratios compare like with
 like; the goal is a Pallas gather at >= 0.75 of copy bandwidth (FBGEMM's embedding gather reaches
 about 0.79 of HBM bandwidth on an H100). Several block sizes / warp counts are swept and each is
-checked to return exactly XLA's rows. Later sections (host-offload overhead, peak memory) add a
-function to `SECTIONS`.
+checked to return exactly XLA's rows.
 
-    python -m bench.gpu_check [--table_gb=2,8 --tokens=1048576 --hash_heads=16 --row_width=64]
+Section `host_peak_memory`: a `host` table (pinned host memory) larger than a stated device
+budget serves Zipf lookups and a small forward pass; the device's `peak_bytes_in_use` must stay
+below the budget (the table never enters device memory). Run it first: the peak counts from
+the start of the process.
+
+Section `host_offload_overhead`: the same forward pass (a stack of matmuls, the Engram rows
+added at one layer) fed from an on-device table (lookup inside the jit), from a host table by
+two-stage dispatch with the next step's rows prefetched on a background thread, and from a host
+table inside one jit (`compute_on` host gather). Goal: within 3% of the on-device table (the
+paper's figure, §6.4).
+
+    python -m bench.gpu_check   # all sections, < 5 minutes on one GPU
+    python -m bench.gpu_check --sections=gather_bandwidth --table_gb=2,8 --tokens=1048576
     python -m bench.gpu_check --smoke    # tiny sizes, Pallas interpret mode: runs on a CPU
 """
 
@@ -25,12 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from engram_jax.memory import dispatch
+from engram_jax import memory
+from engram_jax.memory import dispatch, measure
 from pallas_kernels.gather import gather
 
 GOAL_VS_COPY = 0.75
+GOAL_OFFLOAD_OVERHEAD = 0.03
 
-_SECTIONS = flags.DEFINE_list("sections", ["gather_bandwidth"], "Sections to run, in order.")
+_SECTIONS = flags.DEFINE_list(
+  "sections",
+  ["host_peak_memory", "gather_bandwidth", "host_offload_overhead"],
+  "Sections to run, in order.",
+)
 _TABLE_GB = flags.DEFINE_list("table_gb", ["2", "8"], "Table sizes in GB (1e9 bytes).")
 _TOKENS = flags.DEFINE_integer("tokens", 1 << 20, "Tokens per lookup (N).")
 _HASH_HEADS = flags.DEFINE_integer("hash_heads", 16, "Hash heads per token (H).")
@@ -42,6 +59,9 @@ _WARMUP_CALLS = flags.DEFINE_integer("warmup_calls", 3, "Untimed calls before ti
 _BLOCK_ROWS = flags.DEFINE_list("block_rows", ["auto", "64", "512"], "Gather blocks to sweep.")
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "Triton warp counts to sweep.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes in interpret mode (runs on a CPU).")
+_HOST_TABLE_GB = flags.DEFINE_float("host_table_gb", 24.0, "Host table of host_peak_memory.")
+_DEVICE_BUDGET_GB = flags.DEFINE_float("device_budget_gb", 8.0, "Stated device budget (GB).")
+_OFFLOAD_TABLE_GB = flags.DEFINE_float("offload_table_gb", 4.0, "Table of the overhead section.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +81,12 @@ class CheckConfig:
     num_warps: Triton warp counts to sweep (None: the backend default).
     interpret: Pallas interpret mode (None: automatic, i.e. off on a GPU).
     seed: seed of the table and the ids.
+    host_table_bytes: the host table of `host_peak_memory` (larger than the budget).
+    device_budget_bytes: the device memory budget it is checked against.
+    offload_table_bytes: the table of `host_offload_overhead` (on device and on host).
+    offload_tokens: tokens per forward pass of the offload sections (T; H = `heads`).
+    model_width: D of the forward pass's matmuls.
+    model_layers: its layers; the rows are added after the first half.
   """
 
   table_bytes: tuple[int, ...] = (2 * 10**9, 8 * 10**9)
@@ -75,6 +101,12 @@ class CheckConfig:
   num_warps: tuple[int | None, ...] = (4, 8)
   interpret: bool | None = None
   seed: int = 0
+  host_table_bytes: int = 24 * 10**9
+  device_budget_bytes: int = 8 * 10**9
+  offload_table_bytes: int = 4 * 10**9
+  offload_tokens: int = 16384
+  model_width: int = 4096
+  model_layers: int = 8
 
   @classmethod
   def smoke(cls) -> CheckConfig:
@@ -89,6 +121,12 @@ class CheckConfig:
       block_rows=(16,),
       num_warps=(None,),
       interpret=True,
+      host_table_bytes=4 * 10**6,
+      device_budget_bytes=2 * 10**6,
+      offload_table_bytes=10**6,
+      offload_tokens=64,
+      model_width=32,
+      model_layers=2,
     )
 
 
@@ -178,8 +216,116 @@ def gather_bandwidth(config: CheckConfig) -> list[dict]:
   return results
 
 
+def _pattern_rows(num_rows: int, width: int, dtype) -> np.ndarray:
+  """[R, Dh] rows filled at memset speed: a ramp per row, column 0 = row index mod 256."""
+  rows = np.empty((num_rows, width), dtype)
+  rows[:] = np.linspace(-1.0, 1.0, width).astype(dtype)
+  rows[:, 0] = (np.arange(num_rows) % 256).astype(dtype)
+  return rows
+
+
+def _flat_ids(config: CheckConfig, rng, rows_per_head: int) -> np.ndarray:
+  ids = zipf_ids(rng, config.offload_tokens, config.heads, rows_per_head, config.zipf_a)
+  return ids + np.arange(config.heads, dtype=np.int32) * rows_per_head  # [T, H] flat rows
+
+
+def _forward(config: CheckConfig, dtype):
+  return measure.toy_forward(
+    config.offload_tokens,
+    config.model_width,
+    config.model_layers,
+    config.heads * config.row_width,
+    dtype,
+    config.seed,
+  )
+
+
+def host_peak_memory(config: CheckConfig) -> list[dict]:
+  """Serves lookups + a forward pass from a host table larger than the device budget."""
+  dtype = jnp.dtype(config.dtype)
+  r = config.host_table_bytes // (config.row_width * dtype.itemsize) // config.heads
+  rows = _pattern_rows(r * config.heads, config.row_width, dtype)
+  table = memory.create(
+    "host", num_rows=rows.shape[0], dim=config.row_width, dtype=dtype, rows=rows, trainable=False
+  )
+  expected = rows[:256].copy()
+  del rows
+  forward = jax.jit(_forward(config, dtype))
+  rng = np.random.default_rng(config.seed)
+  ids = [_flat_ids(config, rng, r) for _ in range(4)]
+  row = {"section": "host_peak_memory", "impl": f"host(engine={table.engine})"}
+  row["table_gb"] = table.num_rows * table.dim * dtype.itemsize / 1e9
+  try:
+    exact = bool(np.array_equal(np.asarray(table.fetch(ids[0] % 256)), expected[ids[0] % 256]))
+    seconds = time_call(
+      lambda: [forward(table.fetch(i)) for i in ids][-1],
+      timed_calls=config.timed_calls,
+      warmup_calls=config.warmup_calls,
+    ) / len(ids)
+  except Exception as err:  # a check reports what fails and goes on
+    return [row | {"ms": float("nan"), "error": f"{err!r}"[:200]}]
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return [
+    row
+    | {
+      "ms": seconds * 1e3,
+      "exact": exact,
+      "peak_gb": None if peak is None else peak / 1e9,
+      "budget_gb": config.device_budget_bytes / 1e9,
+      "table_in_memory_kind": table.state.table.sharding.memory_kind,
+    }
+  ]
+
+
+def host_offload_overhead(config: CheckConfig) -> list[dict]:
+  """Step time of a forward pass fed from an on-device table and from a host table."""
+  dtype = jnp.dtype(config.dtype)
+  r = config.offload_table_bytes // (config.row_width * dtype.itemsize) // config.heads
+  rows = _pattern_rows(r * config.heads, config.row_width, dtype)
+  model = _forward(config, dtype)
+  jit_model = jax.jit(model)
+  rng = np.random.default_rng(config.seed + 1)
+  steps = [_flat_ids(config, rng, r) for _ in range(8)]
+  timing = {"timed_calls": config.timed_calls, "warmup_calls": config.warmup_calls}
+  table_gb = rows.size * dtype.itemsize / 1e9
+  on_device = jax.jit(lambda state, i: model(memory.device.lookup(state, i)))
+
+  def device_steps(state):
+    return [on_device(state, i) for i in steps][-1]
+
+  state = memory.device.init(rows, trainable=False)
+  times = {"device table, one jit": time_call(functools.partial(device_steps, state), **timing)}
+  del state  # the device copy goes before the host one is built
+  table = memory.create(
+    "host", num_rows=rows.shape[0], dim=config.row_width, dtype=dtype, rows=rows, trainable=False
+  )
+  del rows
+
+  one_jit = jax.jit(lambda state, i: model(memory.host.lookup(state, i)))
+  variants = {
+    f"host table, two-stage + prefetch ({table.engine})": functools.partial(
+      measure.run_prefetched, table, jit_model, steps
+    ),
+    "host table, one jit (compute_on)": lambda: [one_jit(table.state, i) for i in steps][-1],
+  }
+  row = {"section": "host_offload_overhead", "table_gb": table_gb}
+  results = []
+  for name, fn in variants.items():
+    try:
+      times[name] = time_call(fn, **timing)
+    except Exception as err:  # a check reports what fails and goes on
+      results.append(row | {"impl": name, "ms": float("nan"), "error": f"{err!r}"[:200]})
+  for name, seconds in times.items():
+    overhead = seconds / times["device table, one jit"] - 1
+    results.append(row | {"impl": name, "ms": seconds / len(steps) * 1e3, "overhead": overhead})
+  return results
+
+
 SECTIONS: dict[str, Callable[[CheckConfig], list[dict]]] = {
   "gather_bandwidth": gather_bandwidth,
+  "host_peak_memory": host_peak_memory,
+  "host_offload_overhead": host_offload_overhead,
 }
 
 
@@ -198,6 +344,9 @@ def format_results(results: Sequence[dict]) -> str:
   """One line per result row, with the verdict against the copy-bandwidth goal for Pallas."""
   lines = [f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})"]
   for r in results:
+    if r["section"] != "gather_bandwidth":
+      lines.append(_format_offload(r))
+      continue
     line = (
       f"{r['section']:17s} table {r['table_gb']:8.4g} GB  {r['impl']:38s} "
       f"{r['ms']:9.3f} ms {r['gb_per_s']:9.2f} GB/s  vs copy {r['vs_copy']:5.2f}  "
@@ -208,6 +357,21 @@ def format_results(results: Sequence[dict]) -> str:
       line += f"  exact={r['exact']}  {verdict} goal {GOAL_VS_COPY:.2f} of copy"
     lines.append(line)
   return "\n".join(lines)
+
+
+def _format_offload(r: dict) -> str:
+  line = f"{r['section']:21s} table {r['table_gb']:8.4g} GB  {r['impl']:46s} {r['ms']:9.3f} ms"
+  if "error" in r:
+    return line + f"  FAILED {r['error']}"
+  if "overhead" in r:
+    verdict = "meets" if r["overhead"] <= GOAL_OFFLOAD_OVERHEAD else "above"
+    return line + f"  overhead {r['overhead']:+7.2%}  {verdict} goal {GOAL_OFFLOAD_OVERHEAD:.0%}"
+  if r["peak_gb"] is None:
+    peak = "peak n/a (this backend has no memory_stats)"
+  else:
+    verdict = "within" if r["peak_gb"] < r["budget_gb"] else "OVER"
+    peak = f"peak {r['peak_gb']:.3f} GB, {verdict} the budget of {r['budget_gb']:.3g} GB"
+  return line + f"  exact={r['exact']}  table in {r['table_in_memory_kind']}; device {peak}"
 
 
 def _sweep(values: Sequence[str]) -> tuple[int | None, ...]:
@@ -229,6 +393,9 @@ def config_from_flags() -> CheckConfig:
     warmup_calls=_WARMUP_CALLS.value,
     block_rows=_sweep(_BLOCK_ROWS.value),
     num_warps=_sweep(_NUM_WARPS.value),
+    host_table_bytes=int(_HOST_TABLE_GB.value * 1e9),
+    device_budget_bytes=int(_DEVICE_BUDGET_GB.value * 1e9),
+    offload_table_bytes=int(_OFFLOAD_TABLE_GB.value * 1e9),
   )
 
 

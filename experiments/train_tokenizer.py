@@ -22,7 +22,7 @@ _INPUT = flags.DEFINE_multi_string(
 _VOCAB_SIZE = flags.DEFINE_integer(
   "vocab_size", tokenizer_train.DEFAULT_VOCAB_SIZE, "Vocabulary size, special tokens included."
 )
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the tokenizer.json.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the tokenizer.json (required).")
 _MIN_FREQUENCY = flags.DEFINE_integer("min_frequency", 2, "Least count of a pair to merge it.")
 
 
@@ -40,4 +40,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only when run as a script, so importing this module (tests) adds no required flag.
+  flags.mark_flag_as_required("output")
   app.run(main)

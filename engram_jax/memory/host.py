@@ -1,0 +1,303 @@
+"""The `host` backend: the table lives in `pinned_host` memory and never enters device memory.
+
+Only fetched rows cross to the device; the sparse update rewrites the touched rows on the host.
+The table, its moments and (int8 storage) its row scales are jax arrays whose
+`sharding.memory_kind` is 'pinned_host'; a compiled step that takes them keeps them in the host
+memory space (layout `S(5)` in its entry computation).
+
+Pure-functional core, for one jitted train step (all arrays of the state stay on the host):
+
+    state = host.init(rows)                                   # HostState, outside jit
+    rows = host.lookup(state, ids)                            # [...] -> [..., Dh] on device
+    ... loss, grads w.r.t. rows ...
+    state = host.update(state, ids, row_grads, lr, optim_cfg)   # jit with the state donated
+
+`lookup` moves the ids to the host, gathers there (`compute_on` host computation) and returns
+the rows in device memory. `update` deduplicates ids and sums their gradients on the device
+(N rows), gathers the touched rows and moments from the host, runs
+`optimizer.sparse_adam_update` on that compact [N, Dh] slice (so the result is bitwise that of
+the `device` backend) and scatters the new rows back on the host in place. Prefetch inside one
+jit: the lookup depends only on the ids, so XLA may start it (and its host-to-device copy)
+before the layers in front of the Engram layer; nothing forces the order.
+
+Two-stage dispatch (what `HostTable` does on a CPU client, measured faster there; see
+docs/memory.md): outside jit, `rows = table.fetch(ids)` (or `table.prefetch(ids)` on a
+background thread, then `.result()`) gathers with a threaded NumPy `take` through a zero-copy
+view of the pinned buffer, the jitted step consumes `rows` and returns the row gradients, and
+`table.apply_gradients(ids, row_grads, lr, optim_cfg)` runs the jitted `update` above.
+
+Shapes: R table rows, Dh row width, N fetched ids.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import compute_on as _compute_on
+from jax.sharding import SingleDeviceSharding
+
+from engram_jax.config import OptimConfig
+from engram_jax.memory import base, checkpoint
+from engram_jax.memory import storage as storage_lib
+from engram_jax.memory.device import ENGINES, restore_state
+from engram_jax.train.optimizer import TableOptState, sparse_adam_update
+
+HOST = jax.memory.Space.Host
+DEVICE = jax.memory.Space.Device
+PINNED_HOST = "pinned_host"
+
+
+def on_host(f, out_memory_spaces):
+  """`f` as a host computation inside jit, its outputs placed in `out_memory_spaces`.
+
+  jax 0.10 calls the transform `compute_on2` (`compute_on` is a context manager there); later
+  versions name the transform `compute_on`. This shim is the one place that knows.
+  """
+  transform = getattr(_compute_on, "compute_on2", None) or _compute_on.compute_on
+  return transform(f, compute_type="device_host", out_memory_spaces=out_memory_spaces)
+
+
+class HostState(NamedTuple):
+  """A host-resident table (every array in `pinned_host` memory).
+
+  Attributes:
+    table: [R, Dh] stored values (float32, bfloat16 or int8).
+    scale: [R] float32 row scales for int8 values, else None.
+    opt: `TableOptState` moments (None when read-only; int8 tables are read-only).
+  """
+
+  table: jax.Array
+  scale: jax.Array | None
+  opt: TableOptState | None
+
+
+def host_sharding(device: jax.Device | None = None) -> SingleDeviceSharding:
+  """`pinned_host` memory of `device` (default: the first device)."""
+  return SingleDeviceSharding(device or jax.devices()[0], memory_kind=PINNED_HOST)
+
+
+def init(
+  rows, device: jax.Device | None = None, storage_type: str = "float32", trainable: bool = True
+) -> HostState:
+  """Places rows [R, Dh] (NumPy) in pinned host memory in a storage type, with zero moments.
+
+  The moments are built on the host (NumPy), never in device memory.
+  """
+  sharding = host_sharding(device)
+  parts = storage_lib.encode(np.asarray(rows), storage_type)
+  table = jax.device_put(parts["values"], sharding)
+  scale = jax.device_put(parts["scale"], sharding) if "scale" in parts else None
+  if not trainable or storage_type == "int8":
+    return HostState(table, scale, None)
+  zeros = lambda: jax.device_put(np.zeros(table.shape, np.float32), sharding)
+  return HostState(table, None, TableOptState(zeros(), zeros(), jnp.int32(0)))
+
+
+def _host_take(arrays, ids):
+  """Rows `ids` of each array, gathered on the host, delivered in device memory."""
+  ids = jax.device_put(ids, HOST)
+  # mode='clip': the default fill mode builds its mask in device memory and fails here.
+  take = lambda xs, i: [jnp.take(x, i, axis=0, mode="clip") for x in xs]
+  return on_host(take, out_memory_spaces=[DEVICE] * len(arrays))(arrays, ids)
+
+
+def _host_put(arrays, ids, values):
+  """`arrays[k].at[ids].set(values[k])` on the host (ids >= R dropped), results on the host."""
+  ids = jax.device_put(ids, HOST)
+  values = [jax.device_put(v, HOST) for v in values]
+  put = lambda xs, i, vs: [x.at[i].set(v, mode="drop") for x, v in zip(xs, vs, strict=True)]
+  out = on_host(put, out_memory_spaces=[HOST] * len(arrays))(arrays, ids, values)
+  # The outputs' avals may still say device memory; an explicit put fixes where they live.
+  return [jax.device_put(x, HOST) for x in out]
+
+
+def lookup(state: HostState, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Rows of flat row ids, gathered on the host (pure; jit it). ids [...] -> [..., Dh]."""
+  r, dh = state.table.shape
+  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
+  if state.scale is None:
+    (values,) = _host_take([state.table], flat)
+    rows = values.astype(dtype)
+  else:
+    values, scale = _host_take([state.table, state.scale], flat)
+    rows = storage_lib.decode({"values": values, "scale": scale}, "int8", dtype)
+  return rows.reshape(*jnp.shape(ids), dh)  # [N, Dh] -> [..., Dh]
+
+
+def update_rows(state: HostState, ids, grads, lr, cfg: OptimConfig):
+  """`update`, also returning the touched rows: (state, unique [N] ids (R = padding), [N, Dh]
+  new values of those rows in the table's dtype), for a cache above the table to write
+  through."""
+  if state.opt is None:
+    raise ValueError("update: this host table is read-only (no moments, or int8 storage)")
+  r, dh = state.table.shape
+  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
+  n = flat.shape[0]
+  # [N] -> [N] sorted unique ids padded with R, and each fetched id's slot among them.
+  unique, slot = jnp.unique(flat, size=n, fill_value=r, return_inverse=True)
+  rows, mu, nu = _host_take([state.table, state.opt.mu, state.opt.nu], unique)
+  # The touched rows as a compact table: the same Adam arithmetic, row for row, as on [R, Dh].
+  new_rows, mini = sparse_adam_update(
+    rows,
+    TableOptState(mu, nu, state.opt.count),
+    slot.reshape(n),
+    grads.reshape(n, dh),
+    lr,
+    cfg,  # [..., Dh] -> [N, Dh]
+  )
+  table, mu, nu = _host_put(
+    [state.table, state.opt.mu, state.opt.nu], unique, [new_rows, mini.mu, mini.nu]
+  )
+  return HostState(table, None, TableOptState(mu, nu, mini.count)), unique, new_rows
+
+
+def update(state: HostState, ids, grads, lr, cfg: OptimConfig) -> HostState:
+  """Lazy Adam on the rows read, on the host (pure; jit it with the state donated).
+
+  Args:
+    state: a trainable host state.
+    ids: [...] flat row ids that were fetched.
+    grads: [..., Dh] gradient of the loss w.r.t. each fetched row.
+    lr: scalar learning rate.
+    cfg: Adam's b1, b2, eps.
+
+  Returns:
+    The new state, still in pinned host memory.
+  """
+  return update_rows(state, ids, grads, lr, cfg)[0]
+
+
+_jit_lookup = jax.jit(lookup, static_argnames="dtype")
+_jit_update = jax.jit(update, static_argnames="cfg", donate_argnums=0)
+_jit_decode = jax.jit(storage_lib.decode, static_argnames=("storage", "dtype"))
+
+
+class HostTable(base.MemoryTable):
+  """A table in pinned host memory (`memory.create('host', ...)`).
+
+  Options:
+    device: the device whose pinned host memory holds the table and which receives the rows.
+    storage: 'float32', 'bfloat16' or 'int8' (read-only); default: the dtype's.
+    engine: 'numpy' (threaded NumPy gather through a zero-copy view; CPU clients), 'jit'
+      (the jitted `lookup`) or 'auto' (numpy where a zero-copy view exists).
+    threads: threads of the NumPy gather.
+    trainable: False keeps no moments.
+  """
+
+  kind = "host"
+
+  def __init__(
+    self,
+    num_rows: int,
+    dim: int,
+    dtype=jnp.float32,
+    seed: int = 0,
+    rows=None,
+    *,
+    init_std: float = 1.0,
+    device: jax.Device | None = None,
+    storage: str | None = None,
+    engine: str = "auto",
+    threads: int | None = None,
+    trainable: bool = True,
+  ):
+    super().__init__(num_rows, dim, dtype)
+    if engine not in ENGINES:
+      raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    self.storage = storage or ("bfloat16" if self.dtype == jnp.bfloat16 else "float32")
+    storage_lib.check_storage(self.storage)
+    if rows is None:
+      rows = base.init_rows(num_rows, dim, seed, init_std=init_std, dtype=self.dtype)
+    rows = np.asarray(rows, self.dtype)  # no copy if already NumPy in this dtype
+    if rows.shape != (num_rows, dim):
+      raise ValueError(f"rows: expected shape {(num_rows, dim)}, got {rows.shape}")
+    self.device = device or jax.devices()[0]
+    self.state = init(rows, self.device, self.storage, trainable)
+    self._threads = threads
+    self._buffers = base.OutputBuffers()
+    self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
+    self._pending: list[Future] = []
+    viewable = base.numpy_view(self.state.table) is not None
+    if engine == "numpy" and not viewable:
+      raise ValueError("engine='numpy': this pinned host memory has no zero-copy NumPy view")
+    self.engine = engine if engine != "auto" else ("numpy" if viewable else "jit")
+
+  @property
+  def trainable(self) -> bool:
+    return self.state.opt is not None
+
+  def _gather(self, ids) -> jax.Array:
+    """ids [...] -> rows [..., Dh] in device memory, gathered by NumPy on the host."""
+    table = base.numpy_view(jax.block_until_ready(self.state.table))
+    values = base.host_fetch(table, ids, self._buffers, self.device, self._threads)
+    if self.storage == "int8":
+      scale = base.host_fetch(
+        base.numpy_view(self.state.scale), ids, self._buffers, self.device, threads=1
+      )
+      return _jit_decode({"values": values, "scale": scale}, storage="int8", dtype=self.dtype)
+    return values if values.dtype == self.dtype else values.astype(self.dtype)
+
+  def fetch(self, ids) -> jax.Array:
+    base.check_ids(ids)
+    n = int(np.prod(np.shape(ids)))
+    if self.engine == "numpy":
+      rows = self._gather(ids)
+    else:
+      rows = _jit_lookup(self.state, jnp.asarray(ids), dtype=self.dtype)
+    self._count_fetch(n, n * storage_lib.row_bytes(self.storage, self.dim))
+    return rows
+
+  def prefetch(self, ids) -> Future:
+    """Starts `fetch(ids)` on a background thread; `.result()` returns the rows.
+
+    Issue it before the work that precedes the rows' use (earlier layers, the previous step's
+    compute in inference). `apply_gradients` waits for pending prefetches first; a prefetch
+    issued before an update reads the rows as they were before it.
+    """
+    ids = np.asarray(ids)
+    future = self._prefetcher.submit(self.fetch, ids)
+    self._pending = [f for f in self._pending if not f.done()] + [future]
+    return future
+
+  def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
+    base.check_grads(ids, grads, self.dim)
+    if not self.trainable:
+      raise ValueError(f"apply_gradients: this host table ({self.storage}) is read-only")
+    for future in self._pending:
+      future.result()
+    self._pending = []
+    self.state = _jit_update(
+      self.state, jnp.asarray(ids), jnp.asarray(grads), jnp.float32(lr), optim_cfg
+    )
+    self._count_update(int(np.prod(np.shape(ids))))
+
+  def _checkpoint_items(self) -> dict:
+    if self.storage == "int8":
+      parts = {"values": np.asarray(self.state.table), "scale": np.asarray(self.state.scale)}
+      return {"table": storage_lib.decode(parts, "int8", self.dtype)}
+    return base.state_items(base.TableState(self.state.table, self.state.opt))
+
+  def _restore_items(self, directory, meta: dict) -> None:
+    shape = (self.num_rows, self.dim)
+    if self.storage == "int8":
+      rows = checkpoint.restore(directory, {"table": checkpoint.Target(shape, self.dtype, None)})[
+        "table"
+      ]
+      self.state = init(rows, self.device, "int8", trainable=False)
+      return
+    restored = restore_state(
+      directory,
+      meta,
+      host_sharding(self.device),
+      shape,
+      storage_lib.value_dtype(self.storage),
+      self.trainable,
+    )
+    opt = restored.opt
+    if opt is not None:
+      opt = opt._replace(count=jnp.asarray(opt.count))
+    self.state = HostState(restored.table, None, opt)

@@ -1,0 +1,431 @@
+"""The `sharded` backend: rows split over one mesh axis, fetched with all-to-all.
+
+Shard s of S owns rows [s * Rs, (s + 1) * Rs) of a table padded to S * Rs rows. Inside
+`shard_map`, each device takes its slice of the ids and:
+
+1. deduplicates them (`jnp.unique`, sorted, so the ids of one owner are contiguous) and
+   buckets them by owner into a [S, C] buffer of local row numbers, C = `capacity` (the mean
+   bucket size times `slack`);
+2. exchanges the buckets with `all_to_all`, gathers the rows it owns for every requester, and
+   sends them back with a second `all_to_all`; each fetched id reads its row from there.
+
+If any device has a bucket larger than C (checked with `pmax`, so every device agrees), the
+step takes the overflow path instead: `all_gather` of the deduplicated ids, each device fills
+the rows it owns, and `psum_scatter` returns every device its rows. No id is ever dropped.
+The sparse update travels the reverse route: per-device sums of each id's gradients go to
+the owner in the same buckets (or by `all_gather` on overflow), and the owner runs
+`optimizer.sparse_adam_update` on its shard.
+
+Pure-functional core for a jitted, data-parallel train step on the same mesh axis:
+
+    spec = sharded.ShardSpec(mesh, axis, num_rows)
+    state = sharded.init(rows_fn, spec, dim, dtype)     # TableState, table P(axis, None)
+    rows = sharded.lookup(state, ids, spec)             # ids [B, T, H] sharded on B over axis
+    ... loss, grads w.r.t. rows (data parallel) ...
+    state = sharded.update(state, ids, row_grads, lr, optim_cfg, spec)
+
+`ids.size` must be a multiple of S (e.g. a batch divisible by S); the rows come back sharded
+like the ids. Jit the step with the state donated; the spec is static.
+
+Shapes: R table rows (Rs per shard), Dh row width, S shards, n ids per device, C bucket
+capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from engram_jax.config import OptimConfig
+from engram_jax.memory import base
+from engram_jax.memory.device import restore_state
+from engram_jax.train.optimizer import TableOptState, init_table_state, sparse_adam_update
+
+ROUTES = ("all_to_all", "all_gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+  """How a table is split and how ids travel.
+
+  Attributes:
+    mesh: the device mesh.
+    axis: the mesh axis the rows (and the ids) are split over.
+    num_rows: R, the table's rows before padding.
+    slack: bucket capacity relative to an even split of a device's ids over the owners.
+    route: 'all_to_all' (with the overflow path) or 'all_gather' (the overflow path always).
+  """
+
+  mesh: Mesh
+  axis: str
+  num_rows: int
+  slack: float = 2.0
+  route: str = "all_to_all"
+
+  def __post_init__(self):
+    if self.axis not in self.mesh.axis_names:
+      raise ValueError(f"axis: expected one of {self.mesh.axis_names}, got {self.axis!r}")
+    if self.slack <= 0:
+      raise ValueError(f"slack: expected a positive factor, got {self.slack}")
+    if self.route not in ROUTES:
+      raise ValueError(f"route: expected one of {ROUTES}, got {self.route!r}")
+
+  @property
+  def shards(self) -> int:
+    return self.mesh.shape[self.axis]
+
+  @property
+  def rows_per_shard(self) -> int:
+    return -(-self.num_rows // self.shards)
+
+  @property
+  def padded_rows(self) -> int:
+    return self.rows_per_shard * self.shards
+
+  def capacity(self, n: int) -> int:
+    """C: ids one device may send to one owner on the all-to-all path (a multiple of 8)."""
+    c = 8 * math.ceil(self.slack * n / self.shards / 8)
+    return max(1, min(n, c))
+
+  def table_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(self.axis, None))
+
+  def ids_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(self.axis))
+
+  def exchange_bytes(
+    self, n: int, dim: int, itemsize: int, route: str, update: bool = False
+  ) -> int:
+    """Bytes one device sends per fetch (or update) on a route, its own bucket excluded.
+
+    all_to_all: (S - 1) * C ids and (S - 1) * C rows (or gradients). all_gather: (S - 1) * n
+    ids and, through `psum_scatter` (fetch) or `all_gather` (update), (S - 1) * n rows.
+    """
+    k = self.capacity(n) if route == "all_to_all" else n
+    value_bytes = 4 if update else itemsize
+    return (self.shards - 1) * k * (4 + dim * value_bytes)
+
+
+def _plan(ids, spec: ShardSpec, capacity: int):
+  """Deduplicated ids of one device bucketed by owner.
+
+  Returns (unique [n] sorted ids padded with S * Rs, inverse [n] slot of each id, owner [n]
+  (S for padding), pos [n] place in the owner's bucket, send [S, C] local row numbers (Rs in
+  empty places), overflow: any bucket larger than C).
+  """
+  s, rs = spec.shards, spec.rows_per_shard
+  n = ids.shape[0]
+  unique, inverse = jnp.unique(ids, size=n, fill_value=s * rs, return_inverse=True)
+  owner = unique // rs
+  # Sorted ids: owner d's ids are unique[starts[d]:starts[d + 1]].
+  starts = jnp.searchsorted(unique, jnp.arange(s + 1, dtype=unique.dtype) * rs)  # [S + 1]
+  pos = jnp.arange(n, dtype=jnp.int32) - starts[jnp.minimum(owner, s - 1)]
+  send = (
+    jnp.full((s, capacity), rs, jnp.int32)
+    .at[owner, pos]
+    .set((unique - owner * rs).astype(jnp.int32), mode="drop")
+  )  # [S, C]
+  overflow = jnp.max(starts[1:] - starts[:-1]) > capacity
+  return unique, inverse.reshape(n), owner, pos, send, overflow
+
+
+def _all_to_all(x, axis):
+  return lax.all_to_all(x, axis, 0, 0, tiled=True)  # [S, C, ...] -> [S, C, ...]
+
+
+def _rows_all_to_all(table, plan, axis):
+  _, _, owner, pos, send, _ = plan
+  recv = _all_to_all(send, axis)  # recv[s]: local rows device s asks this device for
+  rows = jnp.take(table, recv, axis=0, mode="clip")  # [S, C] -> [S, C, Dh]
+  back = _all_to_all(rows, axis)  # back[d]: the rows owner d sent back
+  s, c = send.shape
+  return back[jnp.minimum(owner, s - 1), jnp.minimum(pos, c - 1)]  # [n, Dh] per unique id
+
+
+def _rows_all_gather(table, plan, spec: ShardSpec):
+  unique = plan[0]
+  rs, axis = spec.rows_per_shard, spec.axis
+  me = lax.axis_index(axis)
+  every = lax.all_gather(unique, axis)  # [n] -> [S, n]
+  mine = (every // rs) == me
+  rows = jnp.take(table, every - me * rs, axis=0, mode="clip")  # [S, n] -> [S, n, Dh]
+  rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
+  # Each id has one owner, so the sum adds zeros to one row: exact.
+  return lax.psum_scatter(rows, axis, scatter_dimension=0)  # [S, n, Dh] -> [n, Dh]
+
+
+def _choose(spec: ShardSpec, overflow, fast, slow):
+  if spec.route == "all_gather":
+    return slow(), jnp.ones((), bool)
+  overflow = lax.pmax(overflow.astype(jnp.int32), spec.axis) > 0
+  return lax.cond(overflow, slow, fast), overflow
+
+
+def _local_lookup(table, ids, spec: ShardSpec):
+  plan = _plan(ids, spec, spec.capacity(ids.shape[0]))
+  rows, overflow = _choose(
+    spec,
+    plan[5],
+    lambda: _rows_all_to_all(table, plan, spec.axis),
+    lambda: _rows_all_gather(table, plan, spec),
+  )
+  return rows[plan[1]], overflow[None]  # [n, Dh] per unique id -> [n, Dh] per id
+
+
+def _local_update(table, opt, ids, grads, lr, cfg, spec: ShardSpec):
+  n, dh = grads.shape
+  s, rs = spec.shards, spec.rows_per_shard
+  plan = _plan(ids, spec, spec.capacity(n))
+  unique, inverse, owner, pos, send, overflow = plan
+  summed = jax.ops.segment_sum(grads.astype(jnp.float32), inverse, num_segments=n)  # [n, Dh]
+
+  def fast():
+    recv_ids = _all_to_all(send, spec.axis).reshape(-1)  # [S, C] -> [S * C] local rows
+    payload = (
+      jnp.zeros((s, send.shape[1], dh), jnp.float32).at[owner, pos].set(summed, mode="drop")
+    )  # [S, C, Dh]
+    recv = _all_to_all(payload, spec.axis).reshape(-1, dh)  # [S, C, Dh] -> [S * C, Dh]
+    # Row Rs (the empty-place marker) is past this shard's rows, so the update drops it.
+    return sparse_adam_update(table, opt, recv_ids, recv, lr, cfg)
+
+  def slow():
+    me = lax.axis_index(spec.axis)
+    every = lax.all_gather(unique, spec.axis).reshape(-1)  # [S, n] -> [S * n]
+    local = jnp.where(every // rs == me, every - me * rs, rs).astype(jnp.int32)
+    every_grads = lax.all_gather(summed, spec.axis).reshape(-1, dh)  # [S * n, Dh]
+    return sparse_adam_update(table, opt, local, every_grads, lr, cfg)
+
+  (table, opt), overflow = _choose(spec, overflow, fast, slow)
+  return table, opt, overflow[None]
+
+
+def _constrain(x, spec: ShardSpec, partition: P):
+  """Shards x as `partition` (`reshard` on an explicit mesh axis, a constraint otherwise)."""
+  sharding = NamedSharding(spec.mesh, partition)
+  if spec.mesh.axis_types[spec.mesh.axis_names.index(spec.axis)] == AxisType.Explicit:
+    return jax.reshard(x, sharding)
+  return lax.with_sharding_constraint(x, sharding)
+
+
+def _flat(ids, spec: ShardSpec):
+  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, spec.num_rows - 1)
+  return _constrain(flat, spec, P(spec.axis))  # [...] -> [N] split over the axis
+
+
+def lookup_with_route(state: base.TableState, ids, spec: ShardSpec):
+  """`lookup`, also returning [S] bools: True where the overflow path ran (same on all)."""
+  mapped = jax.shard_map(
+    functools.partial(_local_lookup, spec=spec),
+    mesh=spec.mesh,
+    in_specs=(P(spec.axis, None), P(spec.axis)),
+    out_specs=(P(spec.axis), P(spec.axis)),
+  )
+  rows, overflow = mapped(state.table, _flat(ids, spec))
+  # [N, Dh] -> [..., Dh], split over the axis along the leading axis like the ids.
+  rows = rows.reshape(*jnp.shape(ids), state.table.shape[1])
+  return _constrain(rows, spec, P(spec.axis)), overflow
+
+
+def lookup(state: base.TableState, ids, spec: ShardSpec) -> jax.Array:
+  """Rows of flat row ids (pure; jit it). ids [...] -> [..., Dh], clamped to [0, R)."""
+  return lookup_with_route(state, ids, spec)[0]
+
+
+def update_with_route(state: base.TableState, ids, grads, lr, cfg: OptimConfig, spec: ShardSpec):
+  """`update`, also returning [S] bools: True where the overflow path ran."""
+  dh = state.table.shape[1]
+  opt_specs = TableOptState(P(spec.axis, None), P(spec.axis, None), P())
+  mapped = jax.shard_map(
+    functools.partial(_local_update, cfg=cfg, spec=spec),
+    mesh=spec.mesh,
+    in_specs=(P(spec.axis, None), opt_specs, P(spec.axis), P(spec.axis, None), P()),
+    out_specs=(P(spec.axis, None), opt_specs, P(spec.axis)),
+  )
+  grads = _constrain(jnp.asarray(grads).reshape(-1, dh), spec, P(spec.axis, None))  # [N, Dh]
+  table, opt, overflow = mapped(
+    state.table, state.opt, _flat(ids, spec), grads, jnp.asarray(lr, jnp.float32)
+  )
+  return base.TableState(table, opt), overflow
+
+
+def update(
+  state: base.TableState, ids, grads, lr, cfg: OptimConfig, spec: ShardSpec
+) -> base.TableState:
+  """Lazy Adam on the rows read, each shard updating its own rows (pure; jit, donate state).
+
+  Args:
+    state: the sharded table and moments (count replicated).
+    ids: [...] flat row ids that were fetched (size a multiple of S).
+    grads: [..., Dh] gradient of the loss w.r.t. each fetched row.
+    lr: scalar learning rate.
+    cfg: Adam's b1, b2, eps.
+    spec: the table's `ShardSpec`.
+
+  Returns:
+    The new state, sharded as before.
+  """
+  return update_with_route(state, ids, grads, lr, cfg, spec)[0]
+
+
+def init(rows_fn, spec: ShardSpec, dim: int, dtype, trainable: bool = True) -> base.TableState:
+  """A sharded state built shard by shard (no device ever holds the whole table).
+
+  Args:
+    rows_fn: (start, stop) -> NumPy rows [stop - start, Dh] of the unpadded table.
+    spec: the split.
+    dim: Dh.
+    dtype: the table's dtype.
+    trainable: False keeps no moments.
+
+  Returns:
+    TableState with the table [S * Rs, Dh] sharded P(axis, None) (padding rows zero).
+  """
+  shape = (spec.padded_rows, dim)
+
+  def shard(index):
+    start, stop, _ = index[0].indices(spec.padded_rows)
+    out = np.zeros((stop - start, dim), dtype)
+    real = min(stop, spec.num_rows)
+    if real > start:
+      out[: real - start] = rows_fn(start, real)  # cast to the table's dtype
+    return out
+
+  table = jax.make_array_from_callback(shape, spec.table_sharding(), shard)
+  if not trainable:
+    return base.TableState(table, None)
+  opt_shardings = TableOptState(
+    spec.table_sharding(), spec.table_sharding(), NamedSharding(spec.mesh, P())
+  )
+  opt = jax.jit(init_table_state, out_shardings=opt_shardings)(table)
+  return base.TableState(table, opt)
+
+
+def restore(
+  directory, meta: dict, spec: ShardSpec, dim: int, dtype, trainable: bool
+) -> base.TableState:
+  """A checkpoint (any backend's) restored shard by shard into `spec`'s sharding."""
+  state = restore_state(
+    directory, meta, spec.table_sharding(), (spec.padded_rows, dim), dtype, trainable
+  )
+  if state.opt is None:
+    return state
+  count = jax.device_put(state.opt.count, NamedSharding(spec.mesh, P()))
+  return base.TableState(state.table, state.opt._replace(count=count))
+
+
+def _object_lookup(state, padded, spec: ShardSpec, shape: tuple[int, ...]):
+  """The table object's fetch: padded ids [N'] -> rows [*shape, Dh] (and the route flags)."""
+  rows, overflow = lookup_with_route(state, padded, spec)
+  n = math.prod(shape)
+  if n != padded.shape[0] or not shape or shape[0] % spec.shards:
+    # The rows cannot be split evenly along the ids' leading axis: replicate them.
+    rows = _constrain(rows, spec, P())[:n]
+  return rows.reshape(*shape, state.table.shape[1]), overflow  # [N, Dh] -> [..., Dh]
+
+
+_jit_lookup = jax.jit(_object_lookup, static_argnames=("spec", "shape"))
+_jit_update = jax.jit(update_with_route, static_argnames=("cfg", "spec"), donate_argnums=0)
+
+
+class ShardedTable(base.MemoryTable):
+  """Rows split over a mesh axis (`memory.create('sharded', ..., mesh=mesh)`).
+
+  Options:
+    mesh: the mesh (default: all devices on one axis named 'table').
+    axis: the mesh axis to split over (default: the mesh's first).
+    slack: bucket capacity factor of the all-to-all path (see `ShardSpec`).
+    route: 'all_to_all' (default) or 'all_gather'.
+    trainable: False keeps no moments.
+  """
+
+  kind = "sharded"
+
+  def __init__(
+    self,
+    num_rows: int,
+    dim: int,
+    dtype=jnp.float32,
+    seed: int = 0,
+    rows=None,
+    *,
+    mesh: Mesh | None = None,
+    axis: str | None = None,
+    slack: float = 2.0,
+    route: str = "all_to_all",
+    init_std: float = 1.0,
+    trainable: bool = True,
+  ):
+    super().__init__(num_rows, dim, dtype)
+    if mesh is None:
+      mesh = jax.make_mesh((jax.device_count(),), ("table",), axis_types=(AxisType.Auto,))
+    self.spec = ShardSpec(mesh, axis or mesh.axis_names[0], num_rows, slack, route)
+    if rows is None:
+      fn = lambda a, b: base.init_rows(num_rows, dim, seed, init_std=init_std, start=a, stop=b)
+    else:
+      rows = np.asarray(rows)
+      if rows.shape != (num_rows, dim):
+        raise ValueError(f"rows: expected shape {(num_rows, dim)}, got {rows.shape}")
+      fn = lambda a, b: rows[a:b]
+    self.state = init(fn, self.spec, dim, self.dtype, trainable)
+
+  def _pad(self, ids) -> tuple[np.ndarray, int]:
+    """Flat ids padded to a multiple of S with a repeat of the first id (no new row)."""
+    flat = np.asarray(ids).astype(np.int32).reshape(-1)  # [...] -> [N]
+    n = flat.shape[0]
+    fill = flat[0] if n else 0
+    padded = np.full(-(-max(n, 1) // self.spec.shards) * self.spec.shards, fill, np.int32)
+    padded[:n] = flat
+    return padded, n
+
+  def _count_exchange(self, overflow, n_padded: int, itemsize: int, update: bool) -> None:
+    route = "all_gather" if bool(np.asarray(overflow)[0]) else "all_to_all"
+    per_device = self.spec.exchange_bytes(
+      n_padded // self.spec.shards, self.dim, itemsize, route, update
+    )
+    self._stats.bytes_exchanged += per_device * self.spec.shards
+
+  def fetch(self, ids) -> jax.Array:
+    base.check_ids(ids)
+    padded, n = self._pad(ids)
+    with jax.set_mesh(self.spec.mesh):
+      ids_dev = jax.device_put(padded, self.spec.ids_sharding())
+      rows, overflow = _jit_lookup(self.state, ids_dev, self.spec, tuple(np.shape(ids)))
+    self._count_fetch(n)
+    self._count_exchange(overflow, padded.shape[0], self.dtype.itemsize, update=False)
+    return rows
+
+  def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
+    base.check_grads(ids, grads, self.dim)
+    if self.state.opt is None:
+      raise ValueError("apply_gradients: this table was created with trainable=False")
+    padded, n = self._pad(ids)
+    # Padding repeats the first id with a zero gradient: its summed gradient is unchanged.
+    padded_grads = np.zeros((padded.shape[0], self.dim), np.float32)
+    padded_grads[:n] = np.asarray(grads, np.float32).reshape(n, self.dim)
+    with jax.set_mesh(self.spec.mesh):
+      self.state, overflow = _jit_update(
+        self.state,
+        jax.device_put(padded, self.spec.ids_sharding()),
+        jax.device_put(padded_grads, self.spec.table_sharding()),
+        jnp.float32(lr),
+        optim_cfg,
+        self.spec,
+      )
+    self._count_update(n)
+    self._count_exchange(overflow, padded.shape[0], 4, update=True)
+
+  def _checkpoint_items(self) -> dict:
+    return base.state_items(self.state)
+
+  def _restore_items(self, directory, meta: dict) -> None:
+    self.state = restore(
+      directory, meta, self.spec, self.dim, self.dtype, self.state.opt is not None
+    )

@@ -1,0 +1,312 @@
+"""The `tiered` backend: a device cache of hot rows over a host table (or a disk tier).
+
+Hashed n-gram accesses are Zipfian, so a small cache of the most frequent rows serves most
+ids from device memory; only misses cross from the tier below. Which rows are hot comes from
+access counts: gathered by a calibration pass over data (`calibrate`, policy 'static'), or
+online (policy 'lfu': counts of the fetched ids, aged by halving, and the cache refilled with
+the top rows every `refresh_every` fetches). Below the cache sits a `host` table (trainable;
+pinned host memory) or, with `disk=<directory written by storage.save_memmap>`, a read-only
+NumPy memmap for tables larger than RAM (the OS page cache is then the host level).
+
+Object use, two-stage (what `TieredTable` does): outside jit, `rows = table.fetch(ids)` looks up
+each id's cache slot on the host, gathers only the misses from the tier below, and one jitted
+call combines the cache rows with the transferred misses; `apply_gradients` updates the host
+table and writes the new values of cached rows through to the cache.
+
+Pure-functional core, for one jitted step (the cache contents change only between steps):
+
+    state = table.tiered_state()                     # TieredState: cache + host state
+    rows = tiered.lookup(state, ids, miss_capacity)  # hits from the cache, misses from host
+    state = tiered.update(state, ids, row_grads, lr, optim_cfg)   # host update + write-through
+
+`lookup` compacts the misses to `miss_capacity` ids so only those rows cross; if a step has
+more misses, it gathers every id from the host instead (no id is dropped).
+
+Shapes: R table rows, C cached rows, Dh row width, N ids, M miss capacity.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from engram_jax.config import OptimConfig
+from engram_jax.memory import base, host
+from engram_jax.memory import storage as storage_lib
+
+POLICIES = ("static", "lfu")
+
+
+class TieredState(NamedTuple):
+  """Attributes: cache [C, Dh] rows on device; cached_ids [C] sorted int32 row ids of the
+  cache (R in empty slots); lower: the `host.HostState` below."""
+
+  cache: jax.Array
+  cached_ids: jax.Array
+  lower: host.HostState
+
+
+def _probe(cached_ids, flat):
+  c = cached_ids.shape[0]
+  pos = jnp.minimum(jnp.searchsorted(cached_ids, flat), c - 1)  # [N]
+  return pos, cached_ids[pos] == flat
+
+
+def lookup(state: TieredState, ids, miss_capacity: int, dtype=jnp.float32) -> jax.Array:
+  """Rows of flat row ids: hits from the cache, misses gathered on the host (pure; jit it).
+
+  Args:
+    state: cache and host table.
+    ids: [...] flat row ids (clamped to [0, R)).
+    miss_capacity: M, misses moved per call before falling back to moving every id.
+    dtype: the rows' dtype.
+
+  Returns:
+    [..., Dh] rows.
+  """
+  r, dh = state.lower.table.shape
+  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
+  pos, hit = _probe(state.cached_ids, flat)
+  rank = jnp.cumsum(~hit) - 1  # [N] place of each miss among the misses
+  compact = (
+    jnp.zeros((miss_capacity,), jnp.int32)
+    .at[jnp.where(hit, miss_capacity, rank)]
+    .set(flat, mode="drop")
+  )  # [M] missed ids, in order
+
+  def few():
+    rows = host.lookup(state.lower, compact, dtype)  # [M, Dh]
+    return jnp.take(rows, jnp.clip(rank, 0, miss_capacity - 1), axis=0)  # [M, Dh] -> [N, Dh]
+
+  many = lambda: host.lookup(state.lower, flat, dtype)  # [N, Dh]
+  misses = lax.cond(jnp.sum(~hit) > miss_capacity, many, few)
+  rows = jnp.where(hit[:, None], state.cache[pos].astype(dtype), misses)  # [N, Dh]
+  return rows.reshape(*jnp.shape(ids), dh)  # [N, Dh] -> [..., Dh]
+
+
+def update(state: TieredState, ids, grads, lr, cfg: OptimConfig) -> TieredState:
+  """Lazy Adam on the host table, new values of cached rows written to the cache (pure)."""
+  lower, unique, new_rows = host.update_rows(state.lower, ids, grads, lr, cfg)
+  pos, hit = _probe(state.cached_ids, unique)
+  c = state.cache.shape[0]
+  cache = state.cache.at[jnp.where(hit, pos, c)].set(
+    new_rows.astype(state.cache.dtype), mode="drop"
+  )
+  return TieredState(cache, state.cached_ids, lower)
+
+
+@jax.jit
+def _combine(cache, slots, miss_pos, miss_rows):
+  rows = jnp.take(cache, jnp.maximum(slots, 0), axis=0)  # [N] -> [N, Dh] (misses: any slot)
+  return rows.at[miss_pos].set(miss_rows.astype(cache.dtype), mode="drop")  # misses in place
+
+
+_write_through = jax.jit(
+  lambda cache, slots, rows: cache.at[slots].set(rows.astype(cache.dtype)), donate_argnums=0
+)
+
+
+def _bucket(n: int) -> int:
+  """Padded size for n transferred rows: a power of two (few recompilations)."""
+  return max(256, 1 << max(n - 1, 0).bit_length())
+
+
+class TieredTable(base.MemoryTable):
+  """A device cache over a host (or disk) table (`memory.create('tiered', ...)`).
+
+  Options:
+    cache_rows / cache_fraction: the cache size C, in rows or as a fraction of R.
+    policy: 'static' (the cache changes only in `calibrate`) or 'lfu' (online).
+    refresh_every: fetches between LFU refills.
+    count_sample: at most this many ids of each fetch are counted (LFU).
+    disk: directory of a table written by `storage.save_memmap` (read-only disk tier).
+    Remaining options (storage, engine, threads, trainable, device) go to the host table.
+  """
+
+  kind = "tiered"
+
+  def __init__(
+    self,
+    num_rows: int,
+    dim: int,
+    dtype=jnp.float32,
+    seed: int = 0,
+    rows=None,
+    *,
+    cache_rows: int | None = None,
+    cache_fraction: float | None = None,
+    policy: str = "lfu",
+    refresh_every: int = 64,
+    count_sample: int = 1 << 16,
+    disk=None,
+    device: jax.Device | None = None,
+    **host_options,
+  ):
+    super().__init__(num_rows, dim, dtype)
+    if policy not in POLICIES:
+      raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    if (cache_rows is None) == (cache_fraction is None):
+      raise ValueError("tiered: give exactly one of cache_rows and cache_fraction")
+    c = cache_rows if cache_rows is not None else round(cache_fraction * num_rows)
+    if not 1 <= c <= num_rows:
+      raise ValueError(f"cache size: expected 1..{num_rows} rows, got {c}")
+    self.policy, self.refresh_every, self.count_sample = policy, refresh_every, count_sample
+    self.device = device or jax.devices()[0]
+    if disk is not None:
+      if rows is not None or host_options:
+        raise ValueError(f"disk tier: rows and host options {sorted(host_options)} don't apply")
+      self.disk, self.storage = storage_lib.open_memmap(disk)
+      if self.disk["values"].shape != (num_rows, dim):
+        raise ValueError(f"disk: table {self.disk['values'].shape}, expected {(num_rows, dim)}")
+      self.lower = None
+    else:
+      self.disk = None
+      self.lower = host.HostTable(
+        num_rows, dim, dtype, seed, rows, device=self.device, **host_options
+      )
+      self.storage = self.lower.storage
+    self.cache = jax.device_put(jnp.zeros((c, dim), self.dtype), self.device)
+    self.cached_ids = np.full((c,), num_rows, np.int32)  # sorted; R marks an empty slot
+    self.slot_of = np.full((num_rows,), -1, np.int32)
+    self.counts = np.zeros((num_rows,), np.uint32)
+    self._buffers = base.OutputBuffers()
+    self._since_refresh = 0
+
+  @property
+  def cache_size(self) -> int:
+    return self.cache.shape[0]
+
+  def _lower_parts(self) -> dict | None:
+    """NumPy views {"values"[, "scale"]} of the tier below, or None where none exist."""
+    if self.lower is None:
+      return self.disk
+    if self.lower.engine != "numpy":
+      return None
+    state = jax.block_until_ready(self.lower.state)
+    parts = {"values": base.numpy_view(state.table)}
+    if state.scale is not None:
+      parts["scale"] = base.numpy_view(state.scale)
+    return parts
+
+  def _lower_numpy(self, parts: dict, ids: np.ndarray) -> np.ndarray:
+    """[M] ids -> [M, Dh] rows of the tier below, gathered and decoded by NumPy."""
+    got = {k: base.gather_rows(v, ids) for k, v in parts.items()}
+    return storage_lib.decode(got, self.storage, self.dtype)
+
+  def _lower_rows(self, ids: np.ndarray) -> jax.Array:
+    """[M] ids -> [M, Dh] rows of the tier below, in device memory (a buffer of jax's own)."""
+    parts = self._lower_parts()
+    if parts is None:
+      return host._jit_lookup(self.lower.state, jnp.asarray(ids), dtype=self.dtype)
+    return jax.device_put(self._lower_numpy(parts, ids), self.device)
+
+  def _fill(self, row_ids: np.ndarray) -> None:
+    """Loads the rows `row_ids` (at most C, distinct) into the cache."""
+    new = np.sort(row_ids.astype(np.int32))
+    c = self.cache_size
+    self.slot_of[self.cached_ids[self.cached_ids < self.num_rows]] = -1
+    self.cached_ids = np.full((c,), self.num_rows, np.int32)
+    self.cached_ids[: new.shape[0]] = new
+    self.slot_of[new] = np.arange(new.shape[0], dtype=np.int32)
+    padded = np.minimum(self.cached_ids, self.num_rows - 1)  # empty slots read any row
+    self.cache = self._lower_rows(padded)
+    self._stats.bytes_to_device += c * storage_lib.row_bytes(self.storage, self.dim)
+
+  def _top_rows(self) -> np.ndarray:
+    c = self.cache_size
+    counted = np.count_nonzero(self.counts)
+    if counted <= c:
+      return np.nonzero(self.counts)[0]
+    return np.argpartition(self.counts, -c)[-c:]
+
+  def calibrate(self, batches) -> None:
+    """Counts the ids of `batches` (an iterable of int arrays) and fills the cache with the
+    C most frequent rows."""
+    for ids in batches:
+      flat = np.clip(np.asarray(ids).reshape(-1), 0, self.num_rows - 1)
+      self.counts += np.bincount(flat, minlength=self.num_rows).astype(np.uint32)
+    self._fill(self._top_rows())
+
+  def _observe(self, flat: np.ndarray) -> None:
+    if self.policy != "lfu":
+      return
+    step = max(1, flat.shape[0] // self.count_sample)
+    np.add.at(self.counts, flat[::step], np.uint32(1))
+    self._since_refresh += 1
+    if self._since_refresh >= self.refresh_every:
+      self._fill(self._top_rows())
+      self.counts >>= 1  # aging: recent accesses weigh more
+      self._since_refresh = 0
+
+  def fetch(self, ids) -> jax.Array:
+    base.check_ids(ids)
+    flat = np.clip(np.asarray(ids).reshape(-1), 0, self.num_rows - 1).astype(np.int32)
+    n = flat.shape[0]
+    slots = self.slot_of[flat]  # [N]
+    miss_pos = np.flatnonzero(slots < 0)  # [M]
+    m = miss_pos.shape[0]
+    cache_view, parts = base.numpy_view(jax.block_until_ready(self.cache)), self._lower_parts()
+    if cache_view is not None and parts is not None:
+      # Both tiers readable by NumPy (a CPU client): gather there, hand the rows over.
+      out = self._buffers.take((*np.shape(ids), self.dim), self.dtype)
+      flat_out = out.reshape(n, self.dim)  # [..., Dh] -> [N, Dh] view
+      base.gather_rows(cache_view, np.maximum(slots, 0), flat_out)
+      if m:
+        flat_out[miss_pos] = self._lower_numpy(parts, flat[miss_pos])
+      rows = base.to_device(out, self.device)
+    else:
+      b = _bucket(m)
+      miss_ids = np.zeros((b,), np.int32)
+      miss_ids[:m] = flat[miss_pos]
+      padded_pos = np.full((b,), n, np.int32)  # position N: dropped by the combine
+      padded_pos[:m] = miss_pos
+      miss_rows = self._lower_rows(miss_ids)  # [B, Dh]
+      rows = _combine(self.cache, jnp.asarray(slots), jnp.asarray(padded_pos), miss_rows)
+      rows = rows.reshape(*np.shape(ids), self.dim)  # [N, Dh] -> [..., Dh]
+    self._count_fetch(n, m * storage_lib.row_bytes(self.storage, self.dim))
+    self._stats.hits += n - m
+    self._stats.misses += m
+    self._observe(flat)
+    return rows
+
+  def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
+    base.check_grads(ids, grads, self.dim)
+    if self.lower is None or not self.lower.trainable:
+      raise ValueError("apply_gradients: this tiered table is read-only (disk or int8 tier)")
+    self.lower.apply_gradients(ids, grads, lr, optim_cfg)
+    touched = np.unique(np.clip(np.asarray(ids).reshape(-1), 0, self.num_rows - 1))
+    cached = touched[self.slot_of[touched] >= 0]
+    if cached.size:
+      self.cache = _write_through(
+        self.cache, jnp.asarray(self.slot_of[cached]), self._lower_rows(cached.astype(np.int32))
+      )
+    self._count_update(int(np.prod(np.shape(ids))))
+
+  def tiered_state(self) -> TieredState:
+    """The pure-functional state (cache, sorted cached ids, host state) of this table."""
+    if self.lower is None:
+      raise ValueError("tiered_state: a disk tier has no jax state")
+    return TieredState(self.cache, jax.device_put(self.cached_ids, self.device), self.lower.state)
+
+  def set_state(self, state: TieredState) -> None:
+    """Takes back a state the pure functions returned (same cached ids), e.g. after jitted
+    steps and before `calibrate`, `fetch` or `save` on this object."""
+    if not np.array_equal(np.asarray(state.cached_ids), self.cached_ids):
+      raise ValueError("set_state: the state caches other rows than this table")
+    self.cache, self.lower.state = state.cache, state.lower
+
+  def _checkpoint_items(self) -> dict:
+    if self.lower is not None:
+      return self.lower._checkpoint_items()
+    return {"table": storage_lib.decode_table(self.disk, self.storage, self.dtype)}
+
+  def _restore_items(self, directory, meta: dict) -> None:
+    if self.lower is None:
+      raise ValueError("restore: a disk tier is read-only; write it with storage.save_memmap")
+    self.lower._restore_items(directory, meta)
+    live = self.cached_ids[self.cached_ids < self.num_rows]
+    self._fill(live)

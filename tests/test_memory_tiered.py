@@ -1,0 +1,129 @@
+"""Tests of the tiered backend (engram_jax/memory/tiered.py): a device cache over a host or
+disk table."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax import memory
+from engram_jax.config import OptimConfig
+from engram_jax.memory import base, storage, tiered
+
+R, DH = 2000, 8
+CFG = OptimConfig()
+
+
+def _zipf(rng, shape, a=1.2):
+  return ((rng.zipf(a, size=shape) - 1) * 7919 % R).astype(np.int32)
+
+
+@pytest.mark.parametrize("policy", ["lfu", "static"])
+def test_rows_and_training_equal_the_device_backend(policy):
+  rows = base.init_rows(R, DH, 0)
+  ref = memory.create("device", num_rows=R, dim=DH, rows=rows)
+  table = memory.create(
+    "tiered", num_rows=R, dim=DH, rows=rows, cache_rows=100, policy=policy, refresh_every=2
+  )
+  rng = np.random.default_rng(0)
+  if policy == "static":
+    table.calibrate([_zipf(rng, (64, 3)) for _ in range(4)])
+  for _ in range(6):
+    ids = _zipf(rng, (8, 4, 3))
+    np.testing.assert_array_equal(table.fetch(ids), ref.fetch(ids))
+    grads = rng.standard_normal((8, 4, 3, DH)).astype(np.float32)
+    table.apply_gradients(ids, grads, 0.01, CFG)
+    ref.apply_gradients(ids, grads, 0.01, CFG)
+    # Write-through: cached rows hold the host table's current values.
+    live = table.cached_ids < R
+    np.testing.assert_array_equal(np.asarray(table.cache)[live], ref.rows()[table.cached_ids[live]])
+  assert np.all(table.cached_ids < R)  # filled (LFU: after its first refills)
+  assert 0 < table.stats()["hits"] < table.stats()["rows_fetched"]
+  np.testing.assert_array_equal(table.rows(), ref.rows())
+  assert table.lower.state.table.sharding.memory_kind == "pinned_host"
+
+
+def test_hit_rate_accounting():
+  table = memory.create("tiered", num_rows=R, dim=DH, seed=1, cache_rows=4, policy="static")
+  assert table.fetch(np.array([1, 2, 3])).shape == (3, DH)
+  assert table.stats()["hit_rate"] == 0.0  # an empty cache misses everything
+  table.calibrate([np.array([5, 5, 5, 9, 9, 7, 7, 11, 11, 12])])  # top 4: 5, 9, 7, 11
+  np.testing.assert_array_equal(table.cached_ids, [5, 7, 9, 11])
+  table.reset_stats()
+  ids = np.array([[5, 9, 100], [7, 7, 12], [11, 5, 1999]])  # 6 hits, 3 misses
+  np.testing.assert_array_equal(table.fetch(ids), table.rows()[ids])
+  stats = table.stats()
+  assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (6, 3, 6 / 9)
+  assert stats["bytes_to_device"] == 3 * DH * 4  # only the misses crossed
+  assert stats["bytes_fetched"] == 9 * DH * 4
+
+
+def test_lfu_learns_the_hot_rows_online():
+  table = memory.create(
+    "tiered", num_rows=R, dim=DH, cache_fraction=0.05, policy="lfu", refresh_every=4
+  )
+  rng = np.random.default_rng(2)
+  rates = []
+  for _ in range(3):
+    table.reset_stats()
+    for _ in range(4):
+      table.fetch(_zipf(rng, (64, 8)))
+    rates.append(table.stats()["hit_rate"])
+  assert rates[0] < 0.05 < 0.5 < rates[-1]  # empty at first; most Zipf ids hit after a refill
+
+
+def test_pure_core_lookup_and_update():
+  rows = base.init_rows(R, DH, 3)
+  tables = [
+    memory.create("tiered", num_rows=R, dim=DH, rows=rows, cache_rows=50, policy="static")
+    for _ in range(2)
+  ]
+  rng = np.random.default_rng(3)
+  calibration = _zipf(rng, (256,))
+  for t in tables:
+    t.calibrate([calibration])
+  state, table = tables[0].tiered_state(), tables[1]  # the state is donated below
+  ids = jnp.asarray(_zipf(rng, (6, 5)))
+  lookup = jax.jit(tiered.lookup, static_argnames=("miss_capacity", "dtype"))
+  for capacity in (2, 64):  # 2: more misses than room, every id comes from the host
+    np.testing.assert_array_equal(lookup(state, ids, capacity), rows[np.asarray(ids)])
+  grads = jnp.asarray(rng.standard_normal((6, 5, DH)), jnp.float32)
+  state = jax.jit(tiered.update, static_argnames="cfg", donate_argnums=0)(
+    state, ids, grads, jnp.float32(0.01), CFG
+  )
+  table.apply_gradients(np.asarray(ids), np.asarray(grads), 0.01, CFG)  # the object route
+  np.testing.assert_array_equal(state.lower.table, table.rows())
+  np.testing.assert_array_equal(state.cache, table.cache)
+  np.testing.assert_array_equal(lookup(state, ids, 64), table.rows()[np.asarray(ids)])
+  tables[0].set_state(state)  # back to the object: it serves the updated rows
+  np.testing.assert_array_equal(tables[0].fetch(ids), table.rows()[np.asarray(ids)])
+  with pytest.raises(ValueError, match="other rows"):
+    table.set_state(state._replace(cached_ids=state.cached_ids + 1))
+
+
+def test_disk_tier_is_read_only_and_serves_stored_rows(tmp_path):
+  rows = base.init_rows(R, DH, 4)
+  storage.save_memmap(tmp_path / "table", rows, "int8")
+  table = memory.create(
+    "tiered", num_rows=R, dim=DH, disk=tmp_path / "table", cache_rows=30, policy="static"
+  )
+  ids = _zipf(np.random.default_rng(4), (40, 3))
+  table.calibrate([ids])
+  expected = storage.round_trip(rows, "int8")[ids]
+  np.testing.assert_allclose(table.fetch(ids), expected, rtol=1e-6, atol=1e-7)
+  assert table.stats()["hit_rate"] > 0.5
+  with pytest.raises(ValueError, match="read-only"):
+    table.apply_gradients(ids, np.zeros((*ids.shape, DH), np.float32), 0.1, CFG)
+  with pytest.raises(ValueError, match="disk tier"):
+    memory.create(
+      "tiered", num_rows=R, dim=DH, disk=tmp_path / "table", cache_rows=3, storage="int8"
+    )
+
+
+def test_options_are_checked():
+  with pytest.raises(ValueError, match="exactly one"):
+    memory.create("tiered", num_rows=R, dim=DH)
+  with pytest.raises(ValueError, match="cache size"):
+    memory.create("tiered", num_rows=R, dim=DH, cache_rows=R + 1)
+  with pytest.raises(ValueError, match="policy"):
+    memory.create("tiered", num_rows=R, dim=DH, cache_rows=3, policy="lru")
