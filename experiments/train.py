@@ -11,10 +11,11 @@ import json
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from engram_jax import presets
-from engram_jax.train import compare, loop
+from engram_jax.train import compare, loop, tables
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", f"One of {sorted(presets.PRESETS)}.")
 _CORPUS = flags.DEFINE_multi_string("corpus", [], "Text files (.txt, .gz, .xz); repeatable. "
@@ -30,6 +31,14 @@ _EVAL = flags.DEFINE_integer("eval_every", None, "Steps between validation passe
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --workdir.")
 _BASELINE = flags.DEFINE_bool("compare_baseline", False,
                               "Also train the iso-parameter MoE baseline and compare.")
+_MEMORY = flags.DEFINE_enum("memory", "device", list(tables.KINDS),
+                            "Where the Engram tables live: one device's memory, pinned host "
+                            "memory, or split over the --mesh devices.")
+_MESH = flags.DEFINE_integer("mesh", 1, "Devices of the data-parallel mesh (all hosts).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for multi-host training.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (hosts) in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def _experiment():
@@ -51,10 +60,17 @@ def main(argv):
       raise FileNotFoundError(f"--corpus: file(s) not found: {missing}")
     if _TOKENIZER.value and not os.path.isfile(_TOKENIZER.value):
       raise FileNotFoundError(f"--tokenizer: file not found: {_TOKENIZER.value}")
+    if _COORDINATOR.value:
+      # Every process runs the same deterministic pipeline; each feeds its own devices' part.
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    tables.Placement(_MEMORY.value, tables.make_mesh(_MESH.value))
+    if exp.train.batch_size % _MESH.value:
+      raise ValueError(f"--batch_size: expected a multiple of --mesh={_MESH.value}, "
+                       f"got {exp.train.batch_size}")
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   kwargs = dict(corpus_files=tuple(_CORPUS.value), tokenizer_file=_TOKENIZER.value,
-                resume=_RESUME.value)
+                resume=_RESUME.value, memory=_MEMORY.value, mesh_devices=_MESH.value)
   try:
     if _BASELINE.value:
       results = compare.train_and_compare(exp, _WORKDIR.value, **kwargs)

@@ -21,6 +21,9 @@ def _run(*args):
         (["--seq_len=2"], "seq_len: expected at least the n-gram order"),
         (["--corpus=/does/not/exist.txt"], "--corpus: file(s) not found"),
         (["--steps=0"], "steps: expected an int >= 1"),
+        (["--memory=sharded"], "expected a mesh of several devices"),
+        (["--mesh=999"], "mesh: expected 1.."),
+        (["--memory=disk"], "--memory"),
     ],
 )
 def test_train_flag_errors(tmp_path, flags, message):

@@ -80,8 +80,7 @@ def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
   tokens = np.arange(4000, dtype=np.int32) % 500
   _, trainer = loop.build_trainer(pipeline_exp, data_cfg, tokens)
   t = pipeline_exp.train
-  abstract = jax.eval_shape(lambda k: trainer.init(k, t.batch_size, t.seq_len),
-                            jax.random.key(0))
+  abstract = trainer.abstract_state(t.batch_size, t.seq_len)
   restored = Checkpointer(copy).restore_latest(abstract)
   assert restored is not None and restored[0] == 3
 
@@ -98,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
   assert steps and max(steps) < 20
   data_cfg = loop.data_config(exp, (corpus,))
   _, trainer = loop.build_trainer(exp, data_cfg)
-  abstract = jax.eval_shape(lambda k: trainer.init(k, 2, 32), jax.random.key(0))
+  abstract = trainer.abstract_state(2, 32)
   _, state, _, _ = ckpt.restore_latest(abstract)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 

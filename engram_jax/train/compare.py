@@ -19,6 +19,8 @@ def train_and_compare(
     tokenizer_file: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    memory: str = "device",
+    mesh_devices: int = 1,
 ) -> dict:
   """Trains `exp` in `workdir/engram` and its baseline in `workdir/baseline`.
 
@@ -32,7 +34,7 @@ def train_and_compare(
   # Encode the corpus once: both runs see exactly the same token stream and batches.
   tokens = encode_corpus(loop.data_config(exp, corpus_files, tokenizer_file))
   common = dict(corpus_files=corpus_files, tokenizer_file=tokenizer_file, resume=resume,
-                tokens=tokens, progress=progress)
+                tokens=tokens, progress=progress, memory=memory, mesh_devices=mesh_devices)
   ours = loop.train(exp, workdir / "engram", label=exp.name, **common)
   theirs = loop.train(baseline, workdir / "baseline", label=baseline.name, **common)
   results = dict(ours)

@@ -36,6 +36,7 @@ from engram_jax.hashing import NgramHasher
 from engram_jax.memory.table import TableLayout
 from engram_jax.tokenization import TokenizerCompressor
 from engram_jax.train import plots
+from engram_jax.train import tables as tables_lib
 from engram_jax.train.checkpoint import Checkpointer
 from engram_jax.train.step import Trainer
 
@@ -55,9 +56,14 @@ def _hash_fn(compressor: TokenizerCompressor, hasher: NgramHasher):
   return fn
 
 
-def build_trainer(exp: ExperimentConfig, data_cfg: DataConfig, tokens: np.ndarray | None = None):
+def build_trainer(
+    exp: ExperimentConfig,
+    data_cfg: DataConfig,
+    tokens: np.ndarray | None = None,
+    placement: tables_lib.Placement | None = None,
+):
   """The data pipeline and the trainer of one experiment (the model's vocabulary is set to the
-  tokenizer's)."""
+  tokenizer's; the tables are placed by `placement`, default one device)."""
   probe = build_pipeline(dataclasses.replace(data_cfg, num_threads=0), tokens=tokens)
   model_cfg = dataclasses.replace(exp.model, vocab_size=probe.vocab_size)
   hash_fn, layouts = None, {}
@@ -73,7 +79,11 @@ def build_trainer(exp: ExperimentConfig, data_cfg: DataConfig, tokens: np.ndarra
         for layer in engram.layer_ids
     }
   pipeline = build_pipeline(data_cfg, hash_fn, tokens=tokens)
-  trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts)
+  placement = placement or tables_lib.Placement()
+  if exp.train.batch_size % placement.shards:
+    raise ValueError(f"batch_size: expected a multiple of the mesh size {placement.shards}, "
+                     f"got {exp.train.batch_size}")
+  trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts, placement)
   return pipeline, trainer
 
 
@@ -123,11 +133,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
   path.write_text("".join(line + "\n" for line in keep))
 
 
-def evaluate(eval_step, state, pipeline) -> dict:
+def evaluate(eval_step, state, pipeline, trainer: Trainer) -> dict:
   """Mean validation loss and Engram gate over one pass of the validation batches."""
   losses, gates = [], []
   for batch in pipeline.validation:
-    m = eval_step(state, batch)
+    m = eval_step(state, trainer.shard_batch(batch))
     losses.append(m["loss"])
     gates.append(m["engram_gate"])
   return {"val_loss": float(np.mean(jax.device_get(losses))),
@@ -145,6 +155,8 @@ def train(
     progress: bool = True,
     label: str = "train",
     on_step: Callable[[int], None] | None = None,
+    memory: str = "device",
+    mesh_devices: int = 1,
 ) -> dict:
   """Trains one experiment and returns its results (also written to `workdir/results.json`).
 
@@ -158,6 +170,8 @@ def train(
     progress: show a progress bar.
     label: the progress bar's name.
     on_step: called with the step number after every step (e.g. to stop from a notebook).
+    memory: where the Engram tables live: 'device', 'host' or 'sharded'.
+    mesh_devices: devices of the data-parallel mesh (1: no mesh).
 
   Raises:
     TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
@@ -168,25 +182,29 @@ def train(
   data_cfg = data_config(exp, corpus_files, tokenizer_file)
   if tokens is None:
     tokens = encode_corpus(data_cfg)
-  pipeline, trainer = build_trainer(exp, data_cfg, tokens)
+  placement = tables_lib.Placement(memory, tables_lib.make_mesh(mesh_devices))
+  pipeline, trainer = build_trainer(exp, data_cfg, tokens, placement)
   t = exp.train
   train_step, eval_step = trainer.jitted()
   init = jax.jit(lambda key: trainer.init(key, t.batch_size, t.seq_len))
   key = jax.random.key(t.seed)
   ckpt = Checkpointer(workdir / "checkpoints")
   metrics_path = workdir / "metrics.jsonl"
-  config_record = {"experiment": exp.name, "model": repr(trainer.model_cfg),
+  config_record = {"experiment": exp.name, "memory": memory, "mesh_devices": mesh_devices,
+                   "model": repr(trainer.model_cfg),
                    "optim": repr(exp.optim), "train": repr(t)}
 
   data_iter = iter(pipeline.train)
-  restored = ckpt.restore_latest(jax.eval_shape(init, key)) if resume else None
+  restored = None
+  if resume:
+    restored = ckpt.restore_latest(trainer.abstract_state(t.batch_size, t.seq_len))
   if restored is not None:
     start, state, data_state, _ = restored
     data_iter.set_state(data_state)
     _truncate_metrics(metrics_path, start)
     logging.info("resumed %s from step %d", workdir, start)
   else:
-    start, state = 0, init(key)
+    start, state = 0, trainer.place(init(key))
     if metrics_path.exists():
       metrics_path.unlink()
 
@@ -220,12 +238,13 @@ def train(
       if guard.received is not None:
         if pending is not None:
           flush(pending, timed_tokens / max(timed_seconds, 1e-9))
-        ckpt.save(step, state, data_iter.get_state(), config_record)
+        if step not in ckpt.steps():  # the regular checkpoint may have just saved it
+          ckpt.save(step, state, data_iter.get_state(), config_record)
         bar.close()
         raise Interrupted(f"signal {guard.received}: saved a checkpoint at step {step} in "
                           f"{ckpt.directory}; rerun with resume to continue")
       tic = time.perf_counter()
-      batch = next(batches)
+      batch = trainer.shard_batch(next(batches))
       state, metrics = train_step(state, batch)
       step += 1
       # Read the previous step's metrics while this one runs (the device never waits).
@@ -242,7 +261,7 @@ def train(
       if step % t.eval_every == 0 or step == t.steps:
         flush(pending, timed_tokens / max(timed_seconds, 1e-9))
         pending = None
-        last_eval = evaluate(eval_step, state, pipeline)
+        last_eval = evaluate(eval_step, state, pipeline, trainer)
         _append_jsonl(metrics_path, {"step": step, **last_eval})
       if step % t.checkpoint_every == 0 or step == t.steps:
         if pending is not None:
@@ -253,7 +272,7 @@ def train(
   ckpt.close()
 
   if last_eval is None:
-    last_eval = evaluate(eval_step, state, pipeline)
+    last_eval = evaluate(eval_step, state, pipeline, trainer)
   results = {
       "experiment": exp.name,
       "steps": t.steps,

@@ -19,10 +19,10 @@ import optax
 
 from engram_jax.config import ModelConfig, OptimConfig
 from engram_jax.layers.moe import update_expert_bias
-from engram_jax.memory import device
 from engram_jax.memory.table import TableLayout
 from engram_jax.model import EngramLM
 from engram_jax.train import optimizer as opt_lib
+from engram_jax.train import tables as tables_lib
 
 Batch = dict  # {"tokens": [B, T], "targets": [B, T], "hash_ids": {layer: [B, T, H]}}
 
@@ -41,8 +41,8 @@ class TrainState:
     params: the backbone's parameters (unboxed).
     opt_state: the backbone optimizer's state.
     balance: the MoE balancing biases (the "balance" collection).
-    tables: {table_key(layer): [R, Dh]} Engram tables.
-    table_opt: {table_key(layer): TableOptState} their sparse Adam moments.
+    tables: {table_key(layer): TableState(table [Rp, Dh], TableOptState)} Engram tables and
+      their sparse Adam moments, placed by the trainer's `tables.Placement`.
   """
 
   step: jax.Array
@@ -50,7 +50,6 @@ class TrainState:
   opt_state: optax.OptState
   balance: dict
   tables: dict
-  table_opt: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +61,14 @@ class Trainer:
     optim_cfg: the optimizers.
     total_steps: length of training (the schedules depend on it).
     layouts: {layer: TableLayout} of every Engram layer.
+    placement: where the tables live (backend and mesh).
   """
 
   model_cfg: ModelConfig
   optim_cfg: OptimConfig
   total_steps: int
   layouts: dict[int, TableLayout]
+  placement: tables_lib.Placement = dataclasses.field(default_factory=tables_lib.Placement)
 
   @property
   def model(self) -> EngramLM:
@@ -87,31 +88,51 @@ class Trainer:
     return opt_lib.backbone_optimizer(self.optim_cfg, self.total_steps, params)
 
   def init(self, key: jax.Array, batch_size: int, seq_len: int) -> TrainState:
-    """A fresh state (jit it, or run it under `jax.eval_shape` to get shapes only)."""
+    """A fresh, unplaced state (jit it, or run it under `jax.eval_shape` for shapes only);
+    `place` then moves it where the placement says."""
     k_model, k_tables = jax.random.split(key)
     batch = self.dummy_batch(batch_size, seq_len)
-    rows = self.fetch_rows({table_key(layer): jnp.zeros((lay.num_rows, lay.dim))
-                            for layer, lay in self.layouts.items()}, batch["hash_ids"])
+    rows = {layer: jnp.zeros((batch_size, seq_len, lay.num_heads, lay.dim))
+            for layer, lay in self.layouts.items()}
     variables = nn.unbox(self.model.init(k_model, batch["tokens"], rows))
     params = variables["params"]
-    tables, table_opt = {}, {}
-    for i, (layer, layout) in enumerate(sorted(self.layouts.items())):
-      table = layout.init(jax.random.fold_in(k_tables, i))
-      tables[table_key(layer)] = table
-      table_opt[table_key(layer)] = opt_lib.init_table_state(table)
+    tables = {
+        table_key(layer): tables_lib.init_state(layout.init(jax.random.fold_in(k_tables, i)))
+        for i, (layer, layout) in enumerate(sorted(self.layouts.items()))
+    }
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=self._backbone_tx(params).init(params),
         balance=variables.get("balance", {}),
         tables=tables,
-        table_opt=table_opt,
     )
+
+  def shardings(self, state: TrainState) -> TrainState:
+    """Where every leaf of `state` goes: tables by the placement, the rest replicated."""
+    rep = self.placement.replicated()
+    out = jax.tree.map(lambda _: rep, state.replace(tables={}))
+    tables = {k: self.placement.state_shardings(v) for k, v in state.tables.items()}
+    return out.replace(tables=tables)
+
+  def place(self, state: TrainState) -> TrainState:
+    """Moves a state (fresh or restored) to its placement."""
+    return jax.tree.map(jax.device_put, state, self.shardings(state))
+
+  def abstract_state(self, batch_size: int, seq_len: int) -> TrainState:
+    """Shapes, dtypes and target shardings of the state, without allocating it."""
+    shapes = jax.eval_shape(lambda k: self.init(k, batch_size, seq_len), jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.shardings(shapes))
+
+  def shard_batch(self, batch: Batch) -> Batch:
+    """Puts a host batch on the devices, split over the data axis when there is a mesh."""
+    return jax.device_put(batch, self.placement.batch_sharding())
 
   def fetch_rows(self, tables: dict, hash_ids: dict) -> dict[int, jax.Array]:
     """{layer: [B, T, H, Dh]} rows of every Engram layer."""
     return {
-        layer: device.fetch(layout, tables[table_key(layer)], hash_ids[layer])
+        layer: self.placement.lookup(tables[table_key(layer)], layout.row_ids(hash_ids[layer]))
         for layer, layout in self.layouts.items()
     }
 
@@ -139,13 +160,12 @@ class Trainer:
 
     lr = opt_lib.learning_rate_schedule(self.optim_cfg, self.total_steps)(state.step)
     table_lr = lr * self.optim_cfg.engram_lr_mult
-    tables, table_opt = dict(state.tables), dict(state.table_opt)
+    tables = dict(state.tables)
     for layer, layout in self.layouts.items():
       key = table_key(layer)
-      ids = layout.row_ids(batch["hash_ids"][layer]).reshape(-1)  # [B, T, H] -> [N]
-      grads = g_rows[layer].reshape(-1, layout.dim)  # [B, T, H, Dh] -> [N, Dh]
-      tables[key], table_opt[key] = opt_lib.sparse_adam_update(
-          state.tables[key], state.table_opt[key], ids, grads, table_lr, self.optim_cfg
+      tables[key] = self.placement.update(
+          state.tables[key], layout.row_ids(batch["hash_ids"][layer]), g_rows[layer],
+          table_lr, self.optim_cfg,
       )
 
     balance = self._rebalance(state.balance, load)
@@ -162,7 +182,7 @@ class Trainer:
     }
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, balance=balance,
-        tables=tables, table_opt=table_opt,
+        tables=tables,
     )
     return new_state, metrics
 

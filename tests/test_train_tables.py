@@ -1,0 +1,114 @@
+"""Tests for engram_jax/train/tables.py: training with the tables on each backend."""
+
+import dataclasses
+import json
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from engram_jax import presets
+from engram_jax.data import read_text
+from engram_jax.data.corpus import default_corpus_path
+from engram_jax.memory.table import TableLayout
+from engram_jax.train import loop
+from engram_jax.train import tables as tables_lib
+from engram_jax.train.step import Trainer, table_key
+
+B, T = 8, 16
+
+
+def _trainer(placement):
+  exp = presets.tiny()
+  model = dataclasses.replace(exp.model, vocab_size=101)
+  e = model.engram
+  layouts = {layer: TableLayout.from_sizes([211, 223, 227, 229], e.head_dim, 0.02)
+             for layer in e.layer_ids}
+  return Trainer(model, exp.optim, 20, layouts, placement)
+
+
+def _batches(n, heads):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    tok = rng.integers(0, 101, size=(B, T + 1)).astype(np.int32)
+    hash_ids = {1: rng.integers(0, 211, size=(B, T, heads)).astype(np.int32)}
+    hash_ids[1][0, :3] = 5  # repeated rows within a batch
+    out.append({"tokens": tok[:, :-1], "targets": tok[:, 1:], "hash_ids": hash_ids})
+  return out
+
+
+def _run(placement, steps=3):
+  trainer = _trainer(placement)
+  state = trainer.place(jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0)))
+  step = jax.jit(trainer.train_step, donate_argnums=0)
+  losses = []
+  for batch in _batches(steps, 4):
+    state, m = step(state, trainer.shard_batch(batch))
+    losses.append(float(m["loss"]))
+  return state, losses
+
+
+@pytest.fixture(scope="module")
+def on_device():
+  return _run(tables_lib.Placement("device"))
+
+
+def test_host_tables_train_like_device_and_stay_on_host(on_device):
+  state, losses = _run(tables_lib.Placement("host"))
+  ref_state, ref_losses = on_device
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  table = state.tables[table_key(1)]
+  for x in (table.table, table.opt.mu, table.opt.nu):
+    assert x.sharding.memory_kind == "pinned_host"
+  np.testing.assert_allclose(np.asarray(table.table),
+                             np.asarray(ref_state.tables[table_key(1)].table), atol=1e-6)
+
+
+def test_sharded_tables_data_parallel_like_one_device(on_device):
+  mesh = tables_lib.make_mesh(8)
+  state, losses = _run(tables_lib.Placement("sharded", mesh))
+  ref_state, ref_losses = on_device
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  table = state.tables[table_key(1)].table
+  assert len(table.sharding.device_set) == 8
+  assert table.addressable_shards[0].data.shape[0] == table.shape[0] // 8
+  np.testing.assert_allclose(np.asarray(table),
+                             np.asarray(ref_state.tables[table_key(1)].table), atol=1e-5)
+
+
+def test_placement_errors():
+  with pytest.raises(ValueError, match="memory: expected one of"):
+    tables_lib.Placement("disk")
+  with pytest.raises(ValueError, match="mesh"):
+    tables_lib.Placement("sharded")
+  with pytest.raises(ValueError, match="one device"):
+    tables_lib.Placement("host", tables_lib.make_mesh(2))
+  with pytest.raises(ValueError, match="devices"):
+    tables_lib.make_mesh(99)
+
+
+def test_checkpoint_moves_between_backends(tmp_path):
+  corpus = tmp_path / "small.txt"
+  corpus.write_text(read_text(default_corpus_path())[:120_000])
+  exp = presets.tiny()
+  kw = dict(corpus_files=(str(corpus),), progress=False)
+  loop.train(exp, tmp_path / "device", **kw)
+
+  def stop_at_three(step):
+    if step == 3:
+      signal.raise_signal(signal.SIGTERM)
+
+  with pytest.raises(loop.Interrupted):
+    loop.train(exp, tmp_path / "moved", memory="host", on_step=stop_at_three, **kw)
+  loop.train(exp, tmp_path / "moved", memory="sharded", mesh_devices=2, resume=True, **kw)
+
+  def losses(d):
+    rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+  want, got = losses("device"), losses("moved")
+  assert sorted(got) == sorted(want)
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
