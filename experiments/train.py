@@ -33,7 +33,8 @@ _BASELINE = flags.DEFINE_bool("compare_baseline", False,
                               "Also train the iso-parameter MoE baseline and compare.")
 _MEMORY = flags.DEFINE_enum("memory", "device", list(tables.KINDS),
                             "Where the Engram tables live: one device's memory, pinned host "
-                            "memory, or split over the --mesh devices.")
+                            "memory, split over the --mesh devices, or pinned host memory "
+                            "under a device cache of the hottest rows (tiered).")
 _MESH = flags.DEFINE_integer("mesh", 1, "Devices of the data-parallel mesh (all hosts).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-host training.")

@@ -13,6 +13,7 @@ from engram_jax.data import read_text
 from engram_jax.data.corpus import default_corpus_path
 from engram_jax.train import compare, loop
 from engram_jax.train.checkpoint import Checkpointer
+from engram_jax.train.step import checkpoint_tree
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
   tokens = np.arange(4000, dtype=np.int32) % 500
   _, trainer = loop.build_trainer(pipeline_exp, data_cfg, tokens)
   t = pipeline_exp.train
-  abstract = trainer.abstract_state(t.batch_size, t.seq_len)
+  abstract = checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
   restored = Checkpointer(copy).restore_latest(abstract)
   assert restored is not None and restored[0] == 3
 
@@ -97,9 +98,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
   assert steps and max(steps) < 20
   data_cfg = loop.data_config(exp, (corpus,))
   _, trainer = loop.build_trainer(exp, data_cfg)
-  abstract = trainer.abstract_state(2, 32)
+  abstract = checkpoint_tree(trainer.abstract_state(2, 32))
   _, state, _, _ = ckpt.restore_latest(abstract)
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
 
 
 def test_compare_baseline_writes_both(corpus, tmp_path):

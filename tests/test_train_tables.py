@@ -78,6 +78,31 @@ def test_sharded_tables_data_parallel_like_one_device(on_device):
                              np.asarray(ref_state.tables[table_key(1)].table), atol=1e-5)
 
 
+def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device):
+  placement = tables_lib.Placement("tiered", cache_fraction=0.1)
+  trainer = _trainer(placement)
+  state = trainer.place(jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0)))
+  batches = _batches(3, 4)
+  state = trainer.calibrate(state, batches[:1])
+  cache = state.caches[table_key(1)]
+  assert cache.rows.shape[0] == round(0.1 * state.tables[table_key(1)].table.shape[0])
+  rows = (batches[0]["hash_ids"][1] + trainer.layouts[1].offsets).reshape(-1)
+  hottest = np.bincount(rows).argmax()  # the row the calibration batch read most
+  assert hottest in np.asarray(cache.ids)
+  step = jax.jit(trainer.train_step, donate_argnums=0)
+  losses = []
+  for batch in batches:
+    state, m = step(state, trainer.shard_batch(batch))
+    losses.append(float(m["loss"]))
+  _, ref_losses = on_device
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  table = state.tables[table_key(1)]
+  assert table.table.sharding.memory_kind == "pinned_host"
+  cache = state.caches[table_key(1)]
+  np.testing.assert_array_equal(np.asarray(cache.rows),
+                                np.asarray(table.table)[np.asarray(cache.ids)])
+
+
 def test_placement_errors():
   with pytest.raises(ValueError, match="memory: expected one of"):
     tables_lib.Placement("disk")
@@ -85,6 +110,8 @@ def test_placement_errors():
     tables_lib.Placement("sharded")
   with pytest.raises(ValueError, match="one device"):
     tables_lib.Placement("host", tables_lib.make_mesh(2))
+  with pytest.raises(ValueError, match="cache_fraction"):
+    tables_lib.Placement("tiered", cache_fraction=0.0)
   with pytest.raises(ValueError, match="devices"):
     tables_lib.make_mesh(99)
 
@@ -96,13 +123,20 @@ def test_checkpoint_moves_between_backends(tmp_path):
   kw = dict(corpus_files=(str(corpus),), progress=False)
   loop.train(exp, tmp_path / "device", **kw)
 
-  def stop_at_three(step):
-    if step == 3:
-      signal.raise_signal(signal.SIGTERM)
+  def stop_at(n):
+    def hook(step):
+      if step == n:
+        signal.raise_signal(signal.SIGTERM)
+    return hook
 
+  # One run moved across three backends: host for steps 1-2, sharded over 2 devices for 3-4,
+  # tiered for 5-6.
   with pytest.raises(loop.Interrupted):
-    loop.train(exp, tmp_path / "moved", memory="host", on_step=stop_at_three, **kw)
-  loop.train(exp, tmp_path / "moved", memory="sharded", mesh_devices=2, resume=True, **kw)
+    loop.train(exp, tmp_path / "moved", memory="host", on_step=stop_at(2), **kw)
+  with pytest.raises(loop.Interrupted):
+    loop.train(exp, tmp_path / "moved", memory="sharded", mesh_devices=2, resume=True,
+               on_step=stop_at(4), **kw)
+  loop.train(exp, tmp_path / "moved", memory="tiered", resume=True, **kw)
 
   def losses(d):
     rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ from engram_jax.data import encode_corpus
 from engram_jax.memory import storage as storage_lib
 from engram_jax.train import loop
 from engram_jax.train.checkpoint import Checkpointer
+from engram_jax.train.step import checkpoint_tree, from_checkpoint_tree
 
 ZEROED = "zeroed"
 
@@ -41,14 +42,16 @@ def _restore(workdir: Path, exp, corpus_files, tokenizer_file):
   t = exp.train
   ckpt = Checkpointer(ckpt_dir)
   try:
-    restored = ckpt.restore_latest(trainer.abstract_state(t.batch_size, t.seq_len))
+    abstract = checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
+    restored = ckpt.restore_latest(abstract)
   finally:
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(
         f"no checkpoint in {ckpt_dir} restores as preset {exp.name!r} with this corpus and "
         f"tokenizer{hint}")
-  step, state, _, _ = restored
+  step, tree, _, _ = restored
+  state = from_checkpoint_tree(tree)
   return step, state, pipeline, trainer
 
 

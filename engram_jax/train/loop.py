@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from engram_jax.tokenization import TokenizerCompressor
 from engram_jax.train import plots
 from engram_jax.train import tables as tables_lib
 from engram_jax.train.checkpoint import Checkpointer
-from engram_jax.train.step import Trainer
+from engram_jax.train.step import Trainer, checkpoint_tree, from_checkpoint_tree
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,11 +50,25 @@ class Interrupted(RuntimeError):
   """Training stopped on a signal after saving a checkpoint."""
 
 
-def _hash_fn(compressor: TokenizerCompressor, hasher: NgramHasher):
-  def fn(tokens: np.ndarray) -> dict[int, np.ndarray]:
+def engram_hashing(model_cfg, tokenizer) -> tuple[Callable | None, dict[int, TableLayout]]:
+  """The host hash function (raw tokens [B, T] -> {layer: [B, T, H]}) and the table layouts
+  of a model's Engram layers with this tokenizer; (None, {}) without Engram."""
+  engram = model_cfg.engram
+  if engram is None:
+    return None, {}
+  compressor = TokenizerCompressor.from_tokenizer(tokenizer)
+  pad = int(compressor(np.asarray([engram.pad_token_id]))[0])
+  hasher = NgramHasher.from_config(engram, compressor.num_compressed, pad)
+
+  def hash_fn(tokens: np.ndarray) -> dict[int, np.ndarray]:
     return hasher.hash_all(compressor(tokens))
 
-  return fn
+  layouts = {
+      layer: TableLayout.from_sizes(hasher.table_sizes(layer), engram.head_dim,
+                                    model_cfg.engram_init_std)
+      for layer in engram.layer_ids
+  }
+  return hash_fn, layouts
 
 
 def build_trainer(
@@ -66,18 +81,7 @@ def build_trainer(
   tokenizer's; the tables are placed by `placement`, default one device)."""
   probe = build_pipeline(dataclasses.replace(data_cfg, num_threads=0), tokens=tokens)
   model_cfg = dataclasses.replace(exp.model, vocab_size=probe.vocab_size)
-  hash_fn, layouts = None, {}
-  if model_cfg.engram is not None:
-    engram = model_cfg.engram
-    compressor = TokenizerCompressor.from_tokenizer(probe.tokenizer)
-    pad = int(compressor(np.asarray([engram.pad_token_id]))[0])
-    hasher = NgramHasher.from_config(engram, compressor.num_compressed, pad)
-    hash_fn = _hash_fn(compressor, hasher)
-    layouts = {
-        layer: TableLayout.from_sizes(hasher.table_sizes(layer), engram.head_dim,
-                                      model_cfg.engram_init_std)
-        for layer in engram.layer_ids
-    }
+  hash_fn, layouts = engram_hashing(model_cfg, probe.tokenizer)
   pipeline = build_pipeline(data_cfg, hash_fn, tokens=tokens)
   placement = placement or tables_lib.Placement()
   if exp.train.batch_size % placement.shards:
@@ -195,11 +199,19 @@ def train(
                    "optim": repr(exp.optim), "train": repr(t)}
 
   data_iter = iter(pipeline.train)
+
+  def save(step, state):
+    # The tiered caches are derived from the tables: checkpoints hold the tables alone.
+    ckpt.save(step, checkpoint_tree(state), data_iter.get_state(), config_record)
+
   restored = None
   if resume:
-    restored = ckpt.restore_latest(trainer.abstract_state(t.batch_size, t.seq_len))
+    restored = ckpt.restore_latest(checkpoint_tree(trainer.abstract_state(t.batch_size,
+                                                                          t.seq_len)))
   if restored is not None:
-    start, state, data_state, _ = restored
+    start, tree, data_state, _ = restored
+    # orbax restores into the target shardings but not always into their memory kind.
+    state = trainer.place(from_checkpoint_tree(tree))
     data_iter.set_state(data_state)
     _truncate_metrics(metrics_path, start)
     logging.info("resumed %s from step %d", workdir, start)
@@ -207,6 +219,10 @@ def train(
     start, state = 0, trainer.place(init(key))
     if metrics_path.exists():
       metrics_path.unlink()
+  if memory == "tiered":
+    # Which rows the cache holds: the most read in the first batches of the data.
+    state = trainer.calibrate(state, itertools.islice(iter(pipeline.train),
+                                                     tables_lib.CALIBRATION_BATCHES))
 
   counts = params_lib.count_params(trainer.model_cfg, t.seq_len)
   tokens_per_step = t.batch_size * t.seq_len
@@ -239,7 +255,7 @@ def train(
         if pending is not None:
           flush(pending, timed_tokens / max(timed_seconds, 1e-9))
         if step not in ckpt.steps():  # the regular checkpoint may have just saved it
-          ckpt.save(step, state, data_iter.get_state(), config_record)
+          save(step, state)
         bar.close()
         raise Interrupted(f"signal {guard.received}: saved a checkpoint at step {step} in "
                           f"{ckpt.directory}; rerun with resume to continue")
@@ -267,7 +283,7 @@ def train(
         if pending is not None:
           flush(pending, timed_tokens / max(timed_seconds, 1e-9))
           pending = None
-        ckpt.save(step, state, data_iter.get_state(), config_record)
+        save(step, state)
   bar.close()
   ckpt.close()
 

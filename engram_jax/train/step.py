@@ -15,6 +15,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from engram_jax.config import ModelConfig, OptimConfig
@@ -43,6 +44,8 @@ class TrainState:
     balance: the MoE balancing biases (the "balance" collection).
     tables: {table_key(layer): TableState(table [Rp, Dh], TableOptState)} Engram tables and
       their sparse Adam moments, placed by the trainer's `tables.Placement`.
+    caches: {table_key(layer): tables.TableCache} device caches of the 'tiered' backend
+      (derived from the tables: not checkpointed, rebuilt by `Trainer.calibrate`).
   """
 
   step: jax.Array
@@ -50,6 +53,18 @@ class TrainState:
   opt_state: optax.OptState
   balance: dict
   tables: dict
+  caches: dict = flax.struct.field(default_factory=dict)
+
+
+def checkpoint_tree(state: TrainState) -> dict:
+  """What a checkpoint holds of a state: every field but the derived tiered caches."""
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+          "balance": state.balance, "tables": state.tables}
+
+
+def from_checkpoint_tree(tree: dict) -> TrainState:
+  """A state from `checkpoint_tree`'s form (caches empty until `Trainer.calibrate`)."""
+  return TrainState(**tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +126,15 @@ class Trainer:
   def shardings(self, state: TrainState) -> TrainState:
     """Where every leaf of `state` goes: tables by the placement, the rest replicated."""
     rep = self.placement.replicated()
-    out = jax.tree.map(lambda _: rep, state.replace(tables={}))
+    out = jax.tree.map(lambda _: rep, state.replace(tables={}, caches={}))
     tables = {k: self.placement.state_shardings(v) for k, v in state.tables.items()}
-    return out.replace(tables=tables)
+    return out.replace(tables=tables, caches=jax.tree.map(lambda _: rep, state.caches))
 
   def place(self, state: TrainState) -> TrainState:
     """Moves a state (fresh or restored) to its placement."""
-    return jax.tree.map(jax.device_put, state, self.shardings(state))
+    placed = jax.tree.map(jax.device_put, state.replace(tables={}),
+                          self.shardings(state.replace(tables={})))
+    return placed.replace(tables={k: self.placement.place(v) for k, v in state.tables.items()})
 
   def abstract_state(self, batch_size: int, seq_len: int) -> TrainState:
     """Shapes, dtypes and target shardings of the state, without allocating it."""
@@ -129,10 +146,25 @@ class Trainer:
     """Puts a host batch on the devices, split over the data axis when there is a mesh."""
     return jax.device_put(batch, self.placement.batch_sharding())
 
-  def fetch_rows(self, tables: dict, hash_ids: dict) -> dict[int, jax.Array]:
+  def calibrate(self, state: TrainState, batches) -> TrainState:
+    """Fills the 'tiered' backend's caches from the row ids of `batches` (host batches);
+    other backends are returned unchanged."""
+    if self.placement.kind != "tiered":
+      return state
+    batches = list(batches)
+    caches = {}
+    for layer, layout in self.layouts.items():
+      ids = [np.asarray(b["hash_ids"][layer]) + layout.offsets for b in batches]  # [B, T, H]
+      caches[table_key(layer)] = tables_lib.calibrate(
+          state.tables[table_key(layer)], ids, self.placement.cache_fraction)
+    return state.replace(caches=caches)
+
+  def fetch_rows(self, state: TrainState, hash_ids: dict) -> dict[int, jax.Array]:
     """{layer: [B, T, H, Dh]} rows of every Engram layer."""
     return {
-        layer: self.placement.lookup(tables[table_key(layer)], layout.row_ids(hash_ids[layer]))
+        layer: self.placement.lookup(state.tables[table_key(layer)],
+                                     layout.row_ids(hash_ids[layer]),
+                                     state.caches.get(table_key(layer)))
         for layer, layout in self.layouts.items()
     }
 
@@ -149,7 +181,7 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     """One optimizer step; pure (jit with `donate_argnums=0`)."""
-    rows = self.fetch_rows(state.tables, batch["hash_ids"])
+    rows = self.fetch_rows(state, batch["hash_ids"])
     grad_fn = jax.value_and_grad(self._forward, argnums=(0, 2), has_aux=True)
     (loss, (load, gate)), (g_params, g_rows) = grad_fn(
         state.params, state.balance, rows, batch
@@ -160,13 +192,17 @@ class Trainer:
 
     lr = opt_lib.learning_rate_schedule(self.optim_cfg, self.total_steps)(state.step)
     table_lr = lr * self.optim_cfg.engram_lr_mult
-    tables = dict(state.tables)
+    tables, caches = dict(state.tables), dict(state.caches)
     for layer, layout in self.layouts.items():
       key = table_key(layer)
-      tables[key] = self.placement.update(
+      new = self.placement.update(
           state.tables[key], layout.row_ids(batch["hash_ids"][layer]), g_rows[layer],
-          table_lr, self.optim_cfg,
+          table_lr, self.optim_cfg, state.caches.get(key),
       )
+      if self.placement.kind == "tiered":  # (table state, cache written through)
+        tables[key], caches[key] = new
+      else:
+        tables[key] = new
 
     balance = self._rebalance(state.balance, load)
     metrics = {
@@ -182,7 +218,7 @@ class Trainer:
     }
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, balance=balance,
-        tables=tables,
+        tables=tables, caches=caches,
     )
     return new_state, metrics
 
@@ -199,7 +235,7 @@ class Trainer:
 
   def eval_step(self, state: TrainState, batch: Batch) -> dict:
     """Validation loss of one batch."""
-    rows = self.fetch_rows(state.tables, batch["hash_ids"])
+    rows = self.fetch_rows(state, batch["hash_ids"])
     loss, (_, gate) = self._forward(state.params, state.balance, rows, batch)
     return {"loss": loss, "engram_gate": gate}
 

@@ -8,7 +8,11 @@ rows are never addressed). Only the placement of the arrays differs:
 - 'host': `pinned_host` memory; the jitted step gathers on the host and moves only the fetched
   rows (`memory.host`), and the sparse update writes back on the host;
 - 'sharded': rows split over the mesh's data axis; ids and rows travel with `all_to_all`
-  (`memory.sharded`), while the backbone trains data-parallel on the same axis.
+  (`memory.sharded`), while the backbone trains data-parallel on the same axis;
+- 'tiered': as 'host', plus a device cache of the rows the first batches read most
+  (`memory.tiered`): hits are served from device memory, only misses cross from the host, and
+  the update writes the new values of cached rows through to the cache. The cache is derived
+  state (`TableCache`): it is not checkpointed but rebuilt by `calibrate` on start and resume.
 
 Because the arrays have the same shapes everywhere, a checkpoint written with one backend
 restores into another: orbax places each array where the new backend's sharding says.
@@ -17,16 +21,20 @@ restores into another: orbax places each array where the new backend's sharding 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, device, host, sharded
+from engram_jax.memory import base, device, host, sharded, tiered
 
-KINDS = ("device", "host", "sharded")
+KINDS = ("device", "host", "sharded", "tiered")
+# Batches whose row ids decide the tiered cache's contents.
+CALIBRATION_BATCHES = 8
 # Rows are padded to a multiple of this, so a table splits evenly over any mesh of up to 128
 # devices (a power of two) and has the same shape under every backend.
 ROW_ALIGN = 128
@@ -65,15 +73,19 @@ class Placement:
 
   kind: str = "device"
   mesh: Mesh | None = None
+  cache_fraction: float = 0.05
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"memory: expected one of {KINDS}, got {self.kind!r}")
+    if not 0 < self.cache_fraction <= 1:
+      raise ValueError(f"cache_fraction: expected a fraction in (0, 1], got "
+                       f"{self.cache_fraction}")
     if self.kind == "sharded" and self.mesh is None:
       raise ValueError("memory='sharded': expected a mesh of several devices (--mesh > 1)")
-    if self.kind == "host" and self.mesh is not None:
-      raise ValueError("memory='host': expected one device (no --mesh); use 'sharded' to "
-                       "spread a table over several devices")
+    if self.kind in ("host", "tiered") and self.mesh is not None:
+      raise ValueError(f"memory={self.kind!r}: expected one device (no --mesh); use "
+                       "'sharded' to spread a table over several devices")
 
   @property
   def shards(self) -> int:
@@ -93,7 +105,7 @@ class Placement:
 
   def table_sharding(self):
     """Sharding (and memory kind) of a table and its moments."""
-    if self.kind == "host":
+    if self.kind in ("host", "tiered"):
       return host.host_sharding()
     if self.kind == "sharded":
       return NamedSharding(self.mesh, P(DATA_AXIS, None))
@@ -101,33 +113,89 @@ class Placement:
 
   def state_shardings(self, state: base.TableState) -> base.TableState:
     t = self.table_sharding()
-    count = SingleDeviceSharding(jax.devices()[0]) if self.kind == "host" else self.replicated()
+    count = self.replicated()
     return jax.tree.map(lambda _: t, state)._replace(
         opt=state.opt._replace(mu=t, nu=t, count=count))
 
   def place(self, state: base.TableState) -> base.TableState:
     """Moves a table state (anywhere) to this placement."""
-    return jax.tree.map(jax.device_put, state, self.state_shardings(state))
+    placed = jax.tree.map(jax.device_put, state, self.state_shardings(state))
+    if self.kind in ("host", "tiered"):
+      # An array restored into a pinned_host sharding can still carry a device memory space
+      # in its aval; an explicit put to the host space fixes what jit sees.
+      host_space = jax.memory.Space.Host
+      placed = placed._replace(
+          table=jax.device_put(placed.table, host_space),
+          opt=placed.opt._replace(mu=jax.device_put(placed.opt.mu, host_space),
+                                  nu=jax.device_put(placed.opt.nu, host_space)))
+    return placed
 
   def _spec(self, state: base.TableState) -> sharded.ShardSpec:
     return sharded.ShardSpec(self.mesh, DATA_AXIS, state.table.shape[0])
 
-  def lookup(self, state: base.TableState, ids: jax.Array) -> jax.Array:
+  def lookup(self, state: base.TableState, ids: jax.Array, cache: TableCache | None = None):
     """Rows of flat row ids (inside the jitted step): [...] -> [..., Dh]."""
+    if self.kind == "tiered":
+      return tiered.lookup(_tiered(state, cache), ids, _miss_capacity(ids), state.table.dtype)
     if self.kind == "host":
       return host.lookup(host.HostState(state.table, None, state.opt), ids, state.table.dtype)
     if self.kind == "sharded":
       return sharded.lookup(state, ids, self._spec(state))
     return device.lookup(state, ids)
 
-  def update(self, state: base.TableState, ids, grads, lr, cfg: OptimConfig) -> base.TableState:
-    """Lazy Adam on the rows the step read (inside the jitted step)."""
+  def update(self, state: base.TableState, ids, grads, lr, cfg: OptimConfig,
+             cache: TableCache | None = None):
+    """Lazy Adam on the rows the step read (inside the jitted step).
+
+    Returns:
+      The new state; for 'tiered', (state, cache) with the cache written through.
+    """
+    if self.kind == "tiered":
+      new = tiered.update(_tiered(state, cache), ids, grads, lr, cfg)
+      return (base.TableState(new.lower.table, new.lower.opt),
+              TableCache(new.cache, new.cached_ids))
     if self.kind == "host":
       new = host.update(host.HostState(state.table, None, state.opt), ids, grads, lr, cfg)
       return base.TableState(new.table, new.opt)
     if self.kind == "sharded":
       return sharded.update(state, ids, grads, lr, cfg, self._spec(state))
     return device.update(state, ids, grads, lr, cfg)
+
+
+class TableCache(NamedTuple):
+  """The tiered backend's device cache: rows [C, Dh] and their sorted row ids [C]."""
+
+  rows: jax.Array
+  ids: jax.Array
+
+
+def _tiered(state: base.TableState, cache: TableCache) -> tiered.TieredState:
+  if cache is None:
+    raise ValueError("memory='tiered': the table has no cache; calibrate it first")
+  return tiered.TieredState(cache.rows, cache.ids, host.HostState(state.table, None, state.opt))
+
+
+def _miss_capacity(ids) -> int:
+  """Misses moved per lookup before falling back to moving every id (no id is dropped)."""
+  return max(256, int(np.prod(jnp.shape(ids))) // 4)
+
+
+def calibrate(state: base.TableState, id_batches, fraction: float) -> TableCache:
+  """A cache of the `fraction` of rows read most often by `id_batches` (flat row ids).
+
+  Runs outside jit: counts on the host, then reads the chosen rows from the host table.
+  """
+  rows = state.table.shape[0]
+  counts = np.zeros(rows, np.int64)
+  for ids in id_batches:
+    counts += np.bincount(np.asarray(ids).reshape(-1), minlength=rows)[:rows]
+  c = max(1, round(fraction * rows))
+  ids = np.sort(np.argsort(-counts, kind="stable")[:c]).astype(np.int32)  # [C]
+  host_state = host.HostState(state.table, None, state.opt)
+  cached = jax.jit(host.lookup, static_argnames="dtype")(host_state, jnp.asarray(ids),
+                                                          dtype=state.table.dtype)
+  return TableCache(jax.device_put(cached, jax.devices()[0]),
+                    jax.device_put(jnp.asarray(ids), jax.devices()[0]))
 
 
 def init_state(table: jax.Array) -> base.TableState:

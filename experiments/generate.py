@@ -1,0 +1,39 @@
+"""Generates text from a trained run, with the Engram tables served by any memory backend.
+
+    python -m experiments.generate --workdir=runs/cpu_small/engram --prompt="And God said"
+    python -m experiments.generate --workdir=runs/cpu_small/engram --memory=tiered
+"""
+
+from absl import app, flags, logging
+
+from engram_jax import presets
+from engram_jax.infer import Generator
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/cpu_small/engram", "A training run's folder.")
+_PRESET = flags.DEFINE_string("preset", "cpu_small", f"The run's preset: {sorted(presets.PRESETS)}")
+_PROMPT = flags.DEFINE_string("prompt", "And God said", "Text to continue.")
+_TOKENS = flags.DEFINE_integer("max_new_tokens", 40, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; else sampling temperature.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+# 'sharded' serves from a mesh; generation here runs on one device.
+_MEMORY = flags.DEFINE_enum("memory", "host", ["device", "host", "tiered"],
+                            "Where the tables are served from.")
+_CACHE = flags.DEFINE_float("cache_fraction", 0.05, "Cache size of --memory=tiered.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  options = {"cache_fraction": _CACHE.value} if _MEMORY.value == "tiered" else {}
+  try:
+    gen = Generator.from_checkpoint(_WORKDIR.value, _PRESET.value, _MEMORY.value, **options)
+    text = gen.generate(_PROMPT.value, _TOKENS.value, _TEMPERATURE.value, _SEED.value)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+  print(_PROMPT.value + text)
+  for layer, table in gen.tables.items():
+    print(f"layer {layer} table ({_MEMORY.value}): {table.stats()}")
+
+
+if __name__ == "__main__":
+  app.run(main)
