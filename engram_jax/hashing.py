@@ -5,9 +5,9 @@ ending at position t is mixed with per-layer odd multipliers and XOR, then reduc
 table size that is distinct for every (layer, order, head) of the model.
 
 Two paths give the same ids:
-- the host path (`NgramHasher.__call__`, `hash_all`): NumPy int64, exact, threaded over chunks of
-  the sequence; this is what the data pipeline runs before the forward pass, so that a memory
-  backend can prefetch the rows (paper §2.5);
+- the host path (`NgramHasher.__call__`, `hash_all`): a compiled (Numba) kernel in 64-bit integer
+  arithmetic, exact, threaded over chunks of the sequence; this is what the data pipeline runs
+  before the forward pass, so that a memory backend can prefetch the rows (paper §2.5);
 - the device path (`NgramHasher.device_fn`): jittable, in 32-bit limb arithmetic so it needs
   neither `jax_enable_x64` nor int64 support on the accelerator (for incremental decoding).
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
-import threading
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 
 from engram_jax.config import EngramConfig, check_engram_args
@@ -29,8 +29,8 @@ from engram_jax.config import EngramConfig, check_engram_args
 _INT64_MAX = np.iinfo(np.int64).max
 # Layer seeds are spaced by this prime (spec §2).
 _LAYER_SEED_STRIDE = 10007
-# Tokens per work item of the threaded host path: large enough to amortise NumPy's per-call
-# overhead, small enough that a chunk's mix and output stay in cache.
+# Tokens per work item of the threaded host path: large enough to amortise the per-call
+# overhead, small enough to balance the work between threads.
 _CHUNK_TOKENS = 16384
 
 # ---------------------------------------------------------------------------------------------
@@ -106,52 +106,76 @@ def layer_multipliers(compressed_vocab_size: int, max_ngram_size: int, seed: int
 # ---------------------------------------------------------------------------------------------
 
 
-def _hash_block(x, start, mults, sizes, pad_id, heads_per_ngram, out) -> None:
-  """Hashes positions `start:` of `x` [B, S] into `out` [B, S - start, H].
+# From this table size up, the float quotient of a mix is at most one off (see `_hash_kernel`).
+_FLOAT_QUOTIENT_MIN_SIZE = 1 << 13
+# Tokens per tile of `_hash_kernel`: the tile's per-head results (H x 128 int64) stay in L1.
+_TILE = 128
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _hash_kernel(x, start, mults, sizes, inv_sizes, use_float, pad_id, heads_per_ngram, out):
+  """Hashes positions `start:` of `x` [B, S] into `out` [B, S - start, H], in one pass.
 
   Positions before `start` are only context; a block that begins the sequence has `start = 0`
-  and sees the pad id before it.
+  and sees the pad id before it. The sequence is cut into tiles of `_TILE` tokens; for each tile
+  the mixes and every head's remainders are computed token-contiguously (the loops vectorise),
+  then the tile is transposed into `out`'s token-major layout while it is still in cache.
+
+  The mix is below 2**63 (ids < V' and multipliers < 2**63 / (2 V')), so it converts to float64
+  with relative error <= 2**-53. With `inv = 1 / p` rounded the same way, the quotient estimate
+  `trunc(mix * inv)` is within 3 * 2**10 / p + 1 of the true floor; for p >= 2**13 that is at
+  most one away, and one correction on either side makes the remainder exact. Smaller tables
+  (tests, toy configs; `use_float[h]` false) use the integer remainder. Arithmetic is uint64
+  so that `q * p` wraps instead of overflowing; the remainder is then a small signed value.
+
+  Args:
+    x: int64 [B, S] compressed ids.
+    start: first position to hash; earlier ones are context.
+    mults: uint64 [N] multipliers.
+    sizes: uint64 [H] prime table sizes.
+    inv_sizes: float64 [H], 1 / sizes.
+    use_float: bool [H], sizes >= _FLOAT_QUOTIENT_MIN_SIZE.
+    pad_id: uint64, the id before the sequence start.
+    heads_per_ngram: K.
+    out: int64 [B, S - start, H], written.
   """
-  b, s = x.shape
-  mix, res, q = _scratch(len(sizes), b, s, start)
-  np.multiply(x, mults[0], out=mix)  # [B, S]
-  for k in range(1, len(mults)):
-    # The k-th previous token of every position: shift right by k, pad at the left.
-    mix[:, k:] ^= x[:, :-k] * mults[k]
-    mix[:, :k] ^= pad_id * int(mults[k])
-    # The mix is non-negative (ids and multipliers are bounded), so unsigned arithmetic is
-    # exact; `mix - (mix // m) * m` runs several times faster than NumPy's `%`, whose integer
-    # remainder does not use the division-by-invariant-integer trick that floor_divide does.
-    tail = mix[:, start:].view(np.uint64)
-    for j in range(heads_per_ngram):
-      h = (k - 1) * heads_per_ngram + j
-      m = np.uint64(sizes[h])
-      np.floor_divide(tail, m, out=q)
-      q *= m
-      np.subtract(tail, q, out=res[h])
-  np.copyto(out.view(np.uint64), res.transpose(1, 2, 0))  # [H, B, S'] -> [B, S', H]
+  b_size, s_size = x.shape
+  n = mults.shape[0]
+  heads = sizes.shape[0]
+  mix = np.empty(_TILE, np.uint64)  # [tile]
+  mix_f = np.empty(_TILE, np.float64)  # [tile]
+  res = np.empty((heads, _TILE), np.int64)  # [H, tile]
+  for b in range(b_size):
+    for t0 in range(start, s_size, _TILE):
+      width = min(_TILE, s_size - t0)
+      for i in range(width):
+        mix[i] = np.uint64(x[b, t0 + i]) * mults[0]
+      for k in range(1, n):
+        # Order k + 1: XOR in the k-th previous token (the pad id before the start).
+        for i in range(width):
+          t = t0 + i
+          tok = np.uint64(x[b, t - k]) if t >= k else pad_id
+          mix[i] ^= tok * mults[k]
+          mix_f[i] = np.float64(mix[i])
+        for j in range(heads_per_ngram):
+          h = (k - 1) * heads_per_ngram + j
+          p, p_signed, inv = sizes[h], np.int64(sizes[h]), inv_sizes[h]
+          res_h = res[h]
+          if use_float[h]:
+            for i in range(width):
+              q = np.uint64(mix_f[i] * inv)
+              r = np.int64(mix[i] - q * p)  # in [-p, 2p)
+              r = r + p_signed if r < 0 else r
+              res_h[i] = r - p_signed if r >= p_signed else r
+          else:
+            for i in range(width):
+              res_h[i] = np.int64(mix[i] % p)
+      for i in range(width):  # [H, tile] -> [tile, H]
+        for h in range(heads):
+          out[b, t0 - start + i, h] = res[h, i]
 
 
 _WORKERS = min(8, os.cpu_count() or 1)
-_local = threading.local()
-
-
-def _scratch(heads: int, b: int, s: int, start: int):
-  """Per-thread work buffers of one block, reused across calls.
-
-  Fresh multi-megabyte buffers cost page faults on every call; reusing them keeps a block's
-  working set in cache. Returns the mix [B, S] int64, the per-head results [H, B, S'] and the
-  quotients [B, S'] (uint64). Heads are computed into the contiguous [H, B, S'] buffer and
-  transposed into the output once: writing each head into the strided out[..., h] is ~10x
-  slower.
-  """
-  key = (heads, b, s, start)
-  cache = getattr(_local, "buffers", None)
-  if cache is None or cache[0] != key:
-    cache = (key, np.empty((b, s), np.int64), np.empty((heads, b, s - start), np.uint64),
-             np.empty((b, s - start), np.uint64))
-    _local.buffers = cache
-  return cache[1:]
 
 
 @functools.cache
@@ -160,20 +184,16 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _run_blocks(blocks: list[Callable[[], None]]) -> None:
-  """Runs the blocks on the thread pool, one contiguous group per worker.
+  """Runs the blocks on the thread pool; idle workers take the next block from the queue.
 
-  NumPy releases the GIL inside each call, but many small tasks make the threads fight for it
-  between calls; one long task per worker keeps both cores busy.
+  Each block is one GIL-free kernel call of about a millisecond, so a shared queue costs little
+  and keeps the cores busy even when one of them is slowed down by other work on the machine.
   """
-  workers = _WORKERS
-  if workers == 1 or len(blocks) == 1:
+  if _WORKERS == 1 or len(blocks) == 1:
     for fn in blocks:
       fn()
     return
-  per = -(-len(blocks) // workers)
-  groups = [blocks[i:i + per] for i in range(0, len(blocks), per)]
-  futures = [_pool().submit(lambda g=g: [fn() for fn in g]) for g in groups]
-  for f in futures:
+  for f in [_pool().submit(fn) for fn in blocks]:
     f.result()
 
 
@@ -298,6 +318,15 @@ class NgramHasher:
         layer: layer_multipliers(self.compressed_vocab_size, self.max_ngram_size, seed, layer)
         for layer in self.layer_ids
     }
+    self._kernel_args = {layer: self._layer_kernel_args(layer) for layer in self.layer_ids}
+
+  def _layer_kernel_args(self, layer: int) -> tuple:
+    """`_hash_kernel`'s per-layer arguments, from mults to heads_per_ngram."""
+    sizes = np.asarray(self._sizes[layer], np.uint64)
+    return (
+        self._mults[layer].astype(np.uint64), sizes, 1.0 / sizes.astype(np.float64),
+        sizes >= _FLOAT_QUOTIENT_MIN_SIZE, np.uint64(self.pad_id), self.heads_per_ngram,
+    )
 
   @classmethod
   def from_config(cls, cfg: EngramConfig, compressed_vocab_size: int, pad_id: int):
@@ -350,7 +379,7 @@ class NgramHasher:
           f"vocabulary; larger ids could overflow int64), got range "
           f"[{int(x.min())}, {int(x.max())}]"
       )
-    return x.astype(np.int64, copy=False)
+    return np.ascontiguousarray(x, dtype=np.int64)
 
   def __call__(self, compressed_ids, layer_id: int) -> np.ndarray:
     """Hash ids of one layer: compressed ids [B, T] -> int64 [B, T, H] (exact, spec §2)."""
@@ -374,11 +403,11 @@ class NgramHasher:
     carry N - 1 tokens of left context.
     """
     b, t = x.shape
-    args = (self._mults[layer], self._sizes[layer], self.pad_id, self.heads_per_ngram)
+    args = self._kernel_args[layer]
     if t <= _CHUNK_TOKENS:
       rows = max(1, _CHUNK_TOKENS // max(t, 1))
       return [
-          functools.partial(_hash_block, x[r0:r0 + rows], 0, *args, out[r0:r0 + rows])
+          functools.partial(_hash_kernel, x[r0:r0 + rows], 0, *args, out[r0:r0 + rows])
           for r0 in range(0, b, rows)
       ]
     context = self.max_ngram_size - 1
@@ -388,7 +417,7 @@ class NgramHasher:
         t1 = min(t, t0 + _CHUNK_TOKENS)
         s = max(0, t0 - context)
         blocks.append(
-            functools.partial(_hash_block, x[r:r + 1, s:t1], t0 - s, *args, out[r:r + 1, t0:t1])
+            functools.partial(_hash_kernel, x[r:r + 1, s:t1], t0 - s, *args, out[r:r + 1, t0:t1])
         )
     return blocks
 

@@ -86,6 +86,20 @@ def test_chunked_host_path_equals_reference(shape):
     np.testing.assert_array_equal(got[layer], want)
 
 
+@pytest.mark.parametrize("vocab", [129_280, 2**31 - 1])
+def test_float_quotient_edge_equals_reference(vocab):
+  # Base 8_180 gives primes 8_191 (< 2**13: integer remainder) and 8_209, 8_219 (float
+  # quotient, at its smallest sizes, where the quotient estimate errs most); ids at the
+  # vocabulary bound make mixes close to 2**63.
+  hasher = NgramHasher(vocab, (8_180, 2**30), 3, 3, [0], pad_id=0, seed=3)
+  assert hasher.table_sizes(0)[:3] == [8_191, 8_209, 8_219]
+  rng = np.random.default_rng(2)
+  x = np.concatenate([rng.integers(vocab - 64, vocab, size=(4, 500)),
+                      rng.integers(0, vocab, size=(4, 500))])
+  want = reference_hash(x, hasher.multipliers(0), hasher.table_sizes(0), 0, 3, 3)
+  np.testing.assert_array_equal(hasher(x, 0), want)
+
+
 def test_primes_distinct_and_above_bases():
   sizes = hashing.table_sizes_for_layers((7_239_680, 7_239_680), 8, (1, 14))
   flat = [s for layer in (1, 14) for s in sizes[layer]]
