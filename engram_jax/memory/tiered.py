@@ -9,8 +9,8 @@ pinned host memory) or, with `disk=<directory written by storage.save_memmap>`, 
 NumPy memmap for tables larger than RAM (the OS page cache is then the host level).
 
 Object use, two-stage (what `TieredTable` does): outside jit, `rows = table.fetch(ids)` looks up
-each id's cache slot on the host, gathers only the misses from the tier below, and one jitted
-call combines the cache rows with the transferred misses; `apply_gradients` updates the host
+each id's cache slot on the host, gathers only the distinct missed rows from the tier below, and
+one jitted call combines the cache rows with the transferred misses; `apply_gradients` updates the host
 table and writes the new values of cached rows through to the cache.
 
 Pure-functional core, for one jitted step (the cache contents change only between steps):
@@ -100,9 +100,19 @@ def update(state: TieredState, ids, grads, lr, cfg: OptimConfig) -> TieredState:
 
 
 @jax.jit
-def _combine(cache, slots, miss_pos, miss_rows):
+def _combine(cache, slots, miss_pos, miss_rows, miss_src):
+  """Cache rows at hits, transferred rows at misses.
+
+  Args:
+    cache: [C, Dh] cached rows.
+    slots: [N] cache slot of each id (< 0 at misses).
+    miss_pos: [P] positions of the misses among the N ids (N in padding: dropped).
+    miss_rows: [U, Dh] the distinct missed rows, as transferred.
+    miss_src: [P] which of the U rows each miss takes.
+  """
   rows = jnp.take(cache, jnp.maximum(slots, 0), axis=0)  # [N] -> [N, Dh] (misses: any slot)
-  return rows.at[miss_pos].set(miss_rows.astype(cache.dtype), mode="drop")  # misses in place
+  fill = jnp.take(miss_rows, miss_src, axis=0).astype(cache.dtype)  # [U, Dh] -> [P, Dh]
+  return rows.at[miss_pos].set(fill, mode="drop")  # misses in place
 
 
 _write_through = jax.jit(
@@ -258,16 +268,24 @@ class TieredTable(base.MemoryTable):
       if m:
         flat_out[miss_pos] = self._lower_numpy(parts, flat[miss_pos])
       rows = base.to_device(out, self.device)
+      moved = m
     else:
-      b = _bucket(m)
-      miss_ids = np.zeros((b,), np.int32)
-      miss_ids[:m] = flat[miss_pos]
-      padded_pos = np.full((b,), n, np.int32)  # position N: dropped by the combine
+      # Only the distinct missed rows cross (Zipfian ids repeat within a batch).
+      unique, src = np.unique(flat[miss_pos], return_inverse=True)  # [U], [M]
+      moved = unique.shape[0]
+      miss_ids = np.zeros((_bucket(moved),), np.int32)
+      miss_ids[:moved] = unique
+      padded_pos = np.full((_bucket(m),), n, np.int32)  # position N: dropped by the combine
       padded_pos[:m] = miss_pos
-      miss_rows = self._lower_rows(miss_ids)  # [B, Dh]
-      rows = _combine(self.cache, jnp.asarray(slots), jnp.asarray(padded_pos), miss_rows)
+      padded_src = np.zeros_like(padded_pos)
+      padded_src[:m] = src
+      miss_rows = self._lower_rows(miss_ids)  # [bucket(U), Dh]
+      rows = _combine(
+        self.cache, jnp.asarray(slots), jnp.asarray(padded_pos), miss_rows,
+        jnp.asarray(padded_src),
+      )
       rows = rows.reshape(*np.shape(ids), self.dim)  # [N, Dh] -> [..., Dh]
-    self._count_fetch(n, m * storage_lib.row_bytes(self.storage, self.dim))
+    self._count_fetch(n, moved * storage_lib.row_bytes(self.storage, self.dim))
     self._stats.hits += n - m
     self._stats.misses += m
     self._observe(flat)
