@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+
 from engram_jax import presets
 from engram_jax.config import ExperimentConfig
 from engram_jax.data import encode_corpus
@@ -41,14 +43,15 @@ def train_and_compare(
   results["baseline_val_loss"] = theirs["val_loss"]
   results["val_loss_difference"] = ours["val_loss"] - theirs["val_loss"]
   results["baseline"] = theirs
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  plots.compare_curves(
-      {exp.name: workdir / "engram" / "metrics.jsonl",
-       baseline.name: workdir / "baseline" / "metrics.jsonl"},
-      workdir / "loss_curves.png",
-      title=f"{exp.name} vs iso-parameter MoE baseline",
-  )
+  if jax.process_index() == 0:  # multi-host: one process writes
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots.compare_curves(
+        {exp.name: workdir / "engram" / "metrics.jsonl",
+         baseline.name: workdir / "baseline" / "metrics.jsonl"},
+        workdir / "loss_curves.png",
+        title=f"{exp.name} vs iso-parameter MoE baseline",
+    )
   return results
 
 

@@ -183,6 +183,9 @@ def train(
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # With several processes (multi-host) every process trains; process 0 alone writes the
+  # metrics, results and plot (orbax coordinates the checkpoints itself).
+  primary = jax.process_index() == 0
   data_cfg = data_config(exp, corpus_files, tokenizer_file)
   if tokens is None:
     tokens = encode_corpus(data_cfg)
@@ -213,11 +216,12 @@ def train(
     # orbax restores into the target shardings but not always into their memory kind.
     state = trainer.place(from_checkpoint_tree(tree))
     data_iter.set_state(data_state)
-    _truncate_metrics(metrics_path, start)
+    if primary:
+      _truncate_metrics(metrics_path, start)
     logging.info("resumed %s from step %d", workdir, start)
   else:
     start, state = 0, trainer.place(init(key))
-    if metrics_path.exists():
+    if primary and metrics_path.exists():
       metrics_path.unlink()
   if memory == "tiered":
     # Which rows the cache holds: the most read in the first batches of the data.
@@ -229,7 +233,7 @@ def train(
   last_eval = None
   timed_tokens, timed_seconds = 0, 0.0
   pending: tuple[int, dict] | None = None
-  bar = tqdm.tqdm(total=t.steps, initial=start, desc=label, disable=not progress,
+  bar = tqdm.tqdm(total=t.steps, initial=start, desc=label, disable=not (progress and primary),
                   dynamic_ncols=True)
 
   def flush(step_metrics: tuple[int, dict], tok_s: float) -> None:
@@ -241,7 +245,7 @@ def train(
           f"{m['param_norm']}) at step {step}; stopped. "
           f"The last good checkpoint in {ckpt.directory} is kept (steps {ckpt.steps()})."
       )
-    if step % t.log_every == 0 or step == t.steps:
+    if primary and (step % t.log_every == 0 or step == t.steps):
       _append_jsonl(metrics_path, {"step": step, **m, "tokens_per_sec": tok_s})
     bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", tok_s=f"{tok_s:,.0f}",
                     max_load=f"{m['max_load']:.2f}", gate=f"{m['engram_gate']:.3f}",
@@ -278,7 +282,8 @@ def train(
         flush(pending, timed_tokens / max(timed_seconds, 1e-9))
         pending = None
         last_eval = evaluate(eval_step, state, pipeline, trainer)
-        _append_jsonl(metrics_path, {"step": step, **last_eval})
+        if primary:
+          _append_jsonl(metrics_path, {"step": step, **last_eval})
       if step % t.checkpoint_every == 0 or step == t.steps:
         if pending is not None:
           flush(pending, timed_tokens / max(timed_seconds, 1e-9))
@@ -297,6 +302,7 @@ def train(
       "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
       "params": dataclasses.asdict(counts),
   }
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  plots.loss_curve(metrics_path, workdir / "loss_curve.png", title=exp.name)
+  if primary:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots.loss_curve(metrics_path, workdir / "loss_curve.png", title=exp.name)
   return results
