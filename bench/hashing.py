@@ -32,8 +32,8 @@ def reference_hash_all(hasher: NgramHasher, x: np.ndarray) -> dict[int, np.ndarr
     mults = hasher.multipliers(layer)
     sizes = hasher.table_sizes(layer)
     shifts = [x] + [
-        np.pad(x, ((0, 0), (k, 0)), constant_values=hasher.pad_id)[:, :t]
-        for k in range(1, hasher.max_ngram_size)
+      np.pad(x, ((0, 0), (k, 0)), constant_values=hasher.pad_id)[:, :t]
+      for k in range(1, hasher.max_ngram_size)
     ]
     heads = []
     for n in range(2, hasher.max_ngram_size + 1):
@@ -63,18 +63,20 @@ def measure(batch: int, seq: int, base: int, heads: int, vocab: int, repeats: in
   tokens = batch * seq
   best = {k: min(v) for k, v in times.items()}
   return {
-      "tokens": tokens,
-      "hash_all_tok_s": tokens / best["hash_all"],
-      "reference_tok_s": tokens / best["reference"],
-      "speedup": best["reference"] / best["hash_all"],
+    "tokens": tokens,
+    "hash_all_tok_s": tokens / best["hash_all"],
+    "reference_tok_s": tokens / best["reference"],
+    "speedup": best["reference"] / best["hash_all"],
   }
 
 
 def main(argv):
   del argv
   r = measure(_BATCH.value, _SEQ.value, _BASE.value, _HEADS.value, _VOCAB.value, _REPEATS.value)
-  print(f"tokens per call:      {r['tokens']:,} ({_BATCH.value} x {_SEQ.value}), 2 layers, "
-        f"N=3, K={_HEADS.value}, base {_BASE.value:,}")
+  print(
+    f"tokens per call:      {r['tokens']:,} ({_BATCH.value} x {_SEQ.value}), 2 layers, "
+    f"N=3, K={_HEADS.value}, base {_BASE.value:,}"
+  )
   print(f"reference structure:  {r['reference_tok_s'] / 1e6:8.2f} M tokens/s")
   print(f"NgramHasher.hash_all: {r['hash_all_tok_s'] / 1e6:8.2f} M tokens/s")
   print(f"speedup:              {r['speedup']:8.2f}x (best of {_REPEATS.value}, interleaved)")

@@ -35,17 +35,20 @@ def _trainer(exp, vocab_size, hasher):
   model = dataclasses.replace(exp.model, vocab_size=vocab_size)
   layouts = {}
   if model.engram is not None:
-    layouts = {layer: TableLayout.from_sizes(hasher.table_sizes(layer), model.engram.head_dim)
-               for layer in model.engram.layer_ids}
+    layouts = {
+      layer: TableLayout.from_sizes(hasher.table_sizes(layer), model.engram.head_dim)
+      for layer in model.engram.layer_ids
+    }
   return Trainer(model, exp.optim, exp.train.steps, layouts)
 
 
 def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
   """Median step times (seconds) of the Engram model and its baseline, and the hashing time."""
   exp = presets.get(preset)
-  t = dataclasses.replace(exp.train, **{k: v for k, v in
-                                        (("batch_size", batch_size), ("seq_len", seq_len))
-                                        if v is not None})
+  t = dataclasses.replace(
+    exp.train,
+    **{k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v is not None},
+  )
   exp = dataclasses.replace(exp, train=t)
   comp = TokenizerCompressor.from_file(default_tokenizer_path())
   engram = exp.model.engram
@@ -60,13 +63,15 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
   runs = {}
   for name, e in (("engram", exp), ("baseline", presets.baseline_of(exp))):
     trainer = _trainer(e, vocab, hasher)
-    batch = {"tokens": tokens[:, :-1].astype(np.int32),
-             "targets": tokens[:, 1:].astype(np.int32),
-             "hash_ids": {k: v.astype(np.int32) for k, v in hash_ids.items()}
-             if e.model.engram is not None else {}}
+    batch = {
+      "tokens": tokens[:, :-1].astype(np.int32),
+      "targets": tokens[:, 1:].astype(np.int32),
+      "hash_ids": {k: v.astype(np.int32) for k, v in hash_ids.items()}
+      if e.model.engram is not None
+      else {},
+    }
     batch = jax.device_put(batch)
-    state = jax.jit(lambda k, tr=trainer: tr.init(k, t.batch_size, t.seq_len))(
-        jax.random.key(0))
+    state = jax.jit(lambda k, tr=trainer: tr.init(k, t.batch_size, t.seq_len))(jax.random.key(0))
     step = jax.jit(trainer.train_step, donate_argnums=0)
     state, m = step(state, batch)  # compile
     jax.block_until_ready(m)
@@ -80,21 +85,29 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
       times.append(time.perf_counter() - tic)
       run[1] = state
   med = {name: statistics.median(run[3]) for name, run in runs.items()}
-  return {"engram_s": med["engram"], "baseline_s": med["baseline"],
-          "ratio": med["engram"] / med["baseline"], "hash_s": hash_seconds,
-          "tokens": t.batch_size * t.seq_len}
+  return {
+    "engram_s": med["engram"],
+    "baseline_s": med["baseline"],
+    "ratio": med["engram"] / med["baseline"],
+    "hash_s": hash_seconds,
+    "tokens": t.batch_size * t.seq_len,
+  }
 
 
 def main(argv):
   del argv
   r = measure(_PRESET.value, _REPEATS.value, _BATCH.value, _SEQ.value)
-  print(f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, median of "
-        f"{_REPEATS.value} interleaved steps")
+  print(
+    f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, median of "
+    f"{_REPEATS.value} interleaved steps"
+  )
   print(f"Engram step:        {r['engram_s'] * 1e3:8.1f} ms")
   print(f"MoE baseline step:  {r['baseline_s'] * 1e3:8.1f} ms")
   print(f"ratio:              {r['ratio']:8.3f}  (goal <= 1.10)")
-  print(f"host hashing of the batch (outside the step, in the data pipeline): "
-        f"{r['hash_s'] * 1e3:.1f} ms")
+  print(
+    f"host hashing of the batch (outside the step, in the data pipeline): "
+    f"{r['hash_s'] * 1e3:.1f} ms"
+  )
 
 
 if __name__ == "__main__":

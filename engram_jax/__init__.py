@@ -5,12 +5,12 @@ the language model, the memory backends, and the demo interop.
 """
 
 from engram_jax.config import (
-    EngramConfig,
-    ExperimentConfig,
-    ModelConfig,
-    MoEConfig,
-    OptimConfig,
-    TrainConfig,
+  EngramConfig,
+  ExperimentConfig,
+  ModelConfig,
+  MoEConfig,
+  OptimConfig,
+  TrainConfig,
 )
 from engram_jax.hashing import NgramHasher
 from engram_jax.interop import ReferenceEngram
@@ -19,15 +19,15 @@ from engram_jax.model import EngramLM
 from engram_jax.tokenization import TokenizerCompressor
 
 __all__ = [
-    "Engram",
-    "EngramConfig",
-    "EngramLM",
-    "ExperimentConfig",
-    "MoEConfig",
-    "ModelConfig",
-    "NgramHasher",
-    "OptimConfig",
-    "ReferenceEngram",
-    "TokenizerCompressor",
-    "TrainConfig",
+  "Engram",
+  "EngramConfig",
+  "EngramLM",
+  "ExperimentConfig",
+  "MoEConfig",
+  "ModelConfig",
+  "NgramHasher",
+  "OptimConfig",
+  "ReferenceEngram",
+  "TokenizerCompressor",
+  "TrainConfig",
 ]

@@ -16,12 +16,12 @@ def _check(cond: bool, field: str, expected: str, got) -> None:
 
 
 def check_engram_args(
-    *,
-    max_ngram_size: int,
-    heads_per_ngram: int,
-    table_bases: Sequence[int],
-    layer_ids: Sequence[int],
-    embed_per_ngram: int | None = None,
+  *,
+  max_ngram_size: int,
+  heads_per_ngram: int,
+  table_bases: Sequence[int],
+  layer_ids: Sequence[int],
+  embed_per_ngram: int | None = None,
 ) -> None:
   """Validates the arguments shared by `EngramConfig` and `NgramHasher`.
 
@@ -29,43 +29,53 @@ def check_engram_args(
     ValueError: naming the field and what was expected.
   """
   _check(
-      isinstance(max_ngram_size, int) and max_ngram_size >= 2,
-      "max_ngram_size", "an int >= 2 (bigrams at least)", max_ngram_size,
+    isinstance(max_ngram_size, int) and max_ngram_size >= 2,
+    "max_ngram_size",
+    "an int >= 2 (bigrams at least)",
+    max_ngram_size,
   )
   _check(
-      isinstance(heads_per_ngram, int) and heads_per_ngram >= 1,
-      "heads_per_ngram", "an int >= 1", heads_per_ngram,
+    isinstance(heads_per_ngram, int) and heads_per_ngram >= 1,
+    "heads_per_ngram",
+    "an int >= 1",
+    heads_per_ngram,
   )
   bases = tuple(table_bases)
   _check(
-      len(bases) == max_ngram_size - 1,
-      "table_bases",
-      f"one base per n-gram order 2..{max_ngram_size} ({max_ngram_size - 1} values)",
-      bases,
+    len(bases) == max_ngram_size - 1,
+    "table_bases",
+    f"one base per n-gram order 2..{max_ngram_size} ({max_ngram_size - 1} values)",
+    bases,
   )
   for b in bases:
     _check(
-        isinstance(b, (int,)) and not isinstance(b, bool) and b >= 2,
-        "table_bases", "every base an int >= 2", bases,
+      isinstance(b, (int,)) and not isinstance(b, bool) and b >= 2,
+      "table_bases",
+      "every base an int >= 2",
+      bases,
     )
   ids = tuple(layer_ids)
   _check(len(ids) >= 1, "layer_ids", "at least one layer id", ids)
   for i in ids:
     _check(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0,
-        "layer_ids", "non-negative int layer ids", ids,
+      isinstance(i, int) and not isinstance(i, bool) and i >= 0,
+      "layer_ids",
+      "non-negative int layer ids",
+      ids,
     )
   _check(len(set(ids)) == len(ids), "layer_ids", "distinct layer ids", ids)
   if embed_per_ngram is not None:
     _check(
-        isinstance(embed_per_ngram, int) and embed_per_ngram >= 1,
-        "embed_per_ngram", "an int >= 1", embed_per_ngram,
+      isinstance(embed_per_ngram, int) and embed_per_ngram >= 1,
+      "embed_per_ngram",
+      "an int >= 1",
+      embed_per_ngram,
     )
     _check(
-        embed_per_ngram % heads_per_ngram == 0,
-        "embed_per_ngram",
-        f"a multiple of heads_per_ngram={heads_per_ngram}",
-        embed_per_ngram,
+      embed_per_ngram % heads_per_ngram == 0,
+      "embed_per_ngram",
+      f"a multiple of heads_per_ngram={heads_per_ngram}",
+      embed_per_ngram,
     )
 
 
@@ -100,19 +110,23 @@ class EngramConfig:
     object.__setattr__(self, "table_bases", tuple(self.table_bases))
     object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
     check_engram_args(
-        max_ngram_size=self.max_ngram_size,
-        heads_per_ngram=self.heads_per_ngram,
-        table_bases=self.table_bases,
-        layer_ids=self.layer_ids,
-        embed_per_ngram=self.embed_per_ngram,
+      max_ngram_size=self.max_ngram_size,
+      heads_per_ngram=self.heads_per_ngram,
+      table_bases=self.table_bases,
+      layer_ids=self.layer_ids,
+      embed_per_ngram=self.embed_per_ngram,
     )
     _check(
-        isinstance(self.kernel_size, int) and self.kernel_size >= 1,
-        "kernel_size", "an int >= 1", self.kernel_size,
+      isinstance(self.kernel_size, int) and self.kernel_size >= 1,
+      "kernel_size",
+      "an int >= 1",
+      self.kernel_size,
     )
     _check(
-        isinstance(self.pad_token_id, int) and self.pad_token_id >= 0,
-        "pad_token_id", "a non-negative raw token id", self.pad_token_id,
+      isinstance(self.pad_token_id, int) and self.pad_token_id >= 0,
+      "pad_token_id",
+      "a non-negative raw token id",
+      self.pad_token_id,
     )
 
   @property
@@ -139,14 +153,14 @@ class EngramConfig:
 def engram_27b_memory() -> EngramConfig:
   """Engram-27B: N=3, K=8, d_mem=1280, 2,262,400 rows per head at blocks 2 and 15 (1-based)."""
   return EngramConfig(
-      max_ngram_size=3,
-      heads_per_ngram=8,
-      embed_per_ngram=640,
-      table_bases=(2_262_400, 2_262_400),
-      layer_ids=(1, 14),
-      kernel_size=4,
-      pad_token_id=2,
-      seed=0,
+    max_ngram_size=3,
+    heads_per_ngram=8,
+    embed_per_ngram=640,
+    table_bases=(2_262_400, 2_262_400),
+    layer_ids=(1, 14),
+    kernel_size=4,
+    pad_token_id=2,
+    seed=0,
   )
 
 
@@ -158,21 +172,21 @@ def engram_40b_memory() -> EngramConfig:
 def tiny_memory() -> EngramConfig:
   """A memory small enough for unit tests: two layers, N=3, K=2, 16-wide heads."""
   return EngramConfig(
-      max_ngram_size=3,
-      heads_per_ngram=2,
-      embed_per_ngram=32,
-      table_bases=(1009, 503),
-      layer_ids=(0, 1),
-      kernel_size=4,
-      pad_token_id=0,
-      seed=0,
+    max_ngram_size=3,
+    heads_per_ngram=2,
+    embed_per_ngram=32,
+    table_bases=(1009, 503),
+    layer_ids=(0, 1),
+    kernel_size=4,
+    pad_token_id=0,
+    seed=0,
   )
 
 
 MEMORY_PRESETS = {
-    "tiny": tiny_memory,
-    "engram_27b": engram_27b_memory,
-    "engram_40b": engram_40b_memory,
+  "tiny": tiny_memory,
+  "engram_27b": engram_27b_memory,
+  "engram_40b": engram_40b_memory,
 }
 
 
@@ -202,14 +216,30 @@ class MoEConfig:
   balance_rate: float = 1e-3
 
   def __post_init__(self):
-    _check(isinstance(self.num_experts, int) and self.num_experts >= 1,
-           "num_experts", "an int >= 1", self.num_experts)
-    _check(isinstance(self.num_shared, int) and self.num_shared >= 0,
-           "num_shared", "an int >= 0", self.num_shared)
-    _check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
-           "top_k", f"an int in [1, num_experts={self.num_experts}]", self.top_k)
-    _check(isinstance(self.expert_hidden, int) and self.expert_hidden >= 1,
-           "expert_hidden", "an int >= 1", self.expert_hidden)
+    _check(
+      isinstance(self.num_experts, int) and self.num_experts >= 1,
+      "num_experts",
+      "an int >= 1",
+      self.num_experts,
+    )
+    _check(
+      isinstance(self.num_shared, int) and self.num_shared >= 0,
+      "num_shared",
+      "an int >= 0",
+      self.num_shared,
+    )
+    _check(
+      isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+      "top_k",
+      f"an int in [1, num_experts={self.num_experts}]",
+      self.top_k,
+    )
+    _check(
+      isinstance(self.expert_hidden, int) and self.expert_hidden >= 1,
+      "expert_hidden",
+      "an int >= 1",
+      self.expert_hidden,
+    )
     _check(self.balance_rate >= 0, "balance_rate", "a rate >= 0", self.balance_rate)
 
 
@@ -261,19 +291,40 @@ class ModelConfig:
   engram_init_std: float = 0.02
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "ffn_hidden", "streams", "sinkhorn_iters"):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "ffn_hidden",
+      "streams",
+      "sinkhorn_iters",
+    ):
       value = getattr(self, name)
       _check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
-    _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
-           f"a divisor of num_heads={self.num_heads}", self.num_kv_heads)
-    _check(isinstance(self.num_dense_layers, int) and self.num_dense_layers >= 0,
-           "num_dense_layers", "an int >= 0", self.num_dense_layers)
+    _check(
+      self.num_heads % self.num_kv_heads == 0,
+      "num_kv_heads",
+      f"a divisor of num_heads={self.num_heads}",
+      self.num_kv_heads,
+    )
+    _check(
+      isinstance(self.num_dense_layers, int) and self.num_dense_layers >= 0,
+      "num_dense_layers",
+      "an int >= 0",
+      self.num_dense_layers,
+    )
     _check(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
     if self.engram is not None:
       bad = [i for i in self.engram.layer_ids if i >= self.num_layers]
-      _check(not bad, "engram.layer_ids",
-             f"0-based block indices below num_layers={self.num_layers}", self.engram.layer_ids)
+      _check(
+        not bad,
+        "engram.layer_ids",
+        f"0-based block indices below num_layers={self.num_layers}",
+        self.engram.layer_ids,
+      )
 
   def is_moe_layer(self, i: int) -> bool:
     return self.moe is not None and i >= self.num_dense_layers
@@ -318,10 +369,13 @@ class OptimConfig:
     object.__setattr__(self, "decay_points", tuple(self.decay_points))
     _check(self.lr > 0, "lr", "a positive learning rate", self.lr)
     _check(self.warmup_steps >= 0, "warmup_steps", "an int >= 0", self.warmup_steps)
-    _check(all(0 < p < 1 for p in self.decay_points), "decay_points",
-           "fractions in (0, 1)", self.decay_points)
-    _check(self.engram_lr_mult > 0, "engram_lr_mult", "a positive multiplier",
-           self.engram_lr_mult)
+    _check(
+      all(0 < p < 1 for p in self.decay_points),
+      "decay_points",
+      "fractions in (0, 1)",
+      self.decay_points,
+    )
+    _check(self.engram_lr_mult > 0, "engram_lr_mult", "a positive multiplier", self.engram_lr_mult)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,12 +405,18 @@ class TrainConfig:
   val_fraction: float = 0.02
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
-                 "checkpoint_every"):
+    for name in (
+      "steps",
+      "batch_size",
+      "seq_len",
+      "eval_every",
+      "eval_batches",
+      "log_every",
+      "checkpoint_every",
+    ):
       value = getattr(self, name)
       _check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
-    _check(0 < self.val_fraction < 1, "val_fraction", "a fraction in (0, 1)",
-           self.val_fraction)
+    _check(0 < self.val_fraction < 1, "val_fraction", "a fraction in (0, 1)", self.val_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,6 +431,9 @@ class ExperimentConfig:
   def __post_init__(self):
     engram = self.model.engram
     if engram is not None:
-      _check(self.train.seq_len >= engram.max_ngram_size, "seq_len",
-             f"at least the n-gram order max_ngram_size={engram.max_ngram_size}",
-             self.train.seq_len)
+      _check(
+        self.train.seq_len >= engram.max_ngram_size,
+        "seq_len",
+        f"at least the n-gram order max_ngram_size={engram.max_ngram_size}",
+        self.train.seq_len,
+      )

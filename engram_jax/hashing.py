@@ -72,7 +72,7 @@ def next_prime(start: int, taken: set[int]) -> int:
 
 
 def table_sizes_for_layers(
-    table_bases: Sequence[int], heads_per_ngram: int, layer_ids: Sequence[int]
+  table_bases: Sequence[int], heads_per_ngram: int, layer_ids: Sequence[int]
 ) -> dict[int, list[int]]:
   """Prime table sizes, distinct across the whole model (spec §2).
 
@@ -283,28 +283,28 @@ class NgramHasher:
   """
 
   def __init__(
-      self,
-      compressed_vocab_size: int,
-      table_bases: Sequence[int],
-      max_ngram_size: int,
-      heads_per_ngram: int,
-      layer_ids: Sequence[int],
-      pad_id: int,
-      seed: int,
+    self,
+    compressed_vocab_size: int,
+    table_bases: Sequence[int],
+    max_ngram_size: int,
+    heads_per_ngram: int,
+    layer_ids: Sequence[int],
+    pad_id: int,
+    seed: int,
   ):
     check_engram_args(
-        max_ngram_size=max_ngram_size,
-        heads_per_ngram=heads_per_ngram,
-        table_bases=table_bases,
-        layer_ids=layer_ids,
+      max_ngram_size=max_ngram_size,
+      heads_per_ngram=heads_per_ngram,
+      table_bases=table_bases,
+      layer_ids=layer_ids,
     )
     if not isinstance(compressed_vocab_size, (int, np.integer)) or compressed_vocab_size < 1:
       raise ValueError(
-          f"compressed_vocab_size: expected an int >= 1, got {compressed_vocab_size!r}"
+        f"compressed_vocab_size: expected an int >= 1, got {compressed_vocab_size!r}"
       )
     if not 0 <= int(pad_id) < compressed_vocab_size:
       raise ValueError(
-          f"pad_id: expected a compressed id in [0, {compressed_vocab_size}), got {pad_id!r}"
+        f"pad_id: expected a compressed id in [0, {compressed_vocab_size}), got {pad_id!r}"
       )
     self.compressed_vocab_size = int(compressed_vocab_size)
     self.table_bases = tuple(int(b) for b in table_bases)
@@ -315,8 +315,8 @@ class NgramHasher:
     self.seed = int(seed)
     self._sizes = table_sizes_for_layers(self.table_bases, self.heads_per_ngram, self.layer_ids)
     self._mults = {
-        layer: layer_multipliers(self.compressed_vocab_size, self.max_ngram_size, seed, layer)
-        for layer in self.layer_ids
+      layer: layer_multipliers(self.compressed_vocab_size, self.max_ngram_size, seed, layer)
+      for layer in self.layer_ids
     }
     self._kernel_args = {layer: self._layer_kernel_args(layer) for layer in self.layer_ids}
 
@@ -324,16 +324,25 @@ class NgramHasher:
     """`_hash_kernel`'s per-layer arguments, from mults to heads_per_ngram."""
     sizes = np.asarray(self._sizes[layer], np.uint64)
     return (
-        self._mults[layer].astype(np.uint64), sizes, 1.0 / sizes.astype(np.float64),
-        sizes >= _FLOAT_QUOTIENT_MIN_SIZE, np.uint64(self.pad_id), self.heads_per_ngram,
+      self._mults[layer].astype(np.uint64),
+      sizes,
+      1.0 / sizes.astype(np.float64),
+      sizes >= _FLOAT_QUOTIENT_MIN_SIZE,
+      np.uint64(self.pad_id),
+      self.heads_per_ngram,
     )
 
   @classmethod
   def from_config(cls, cfg: EngramConfig, compressed_vocab_size: int, pad_id: int):
     """A hasher for `cfg`; `pad_id` is the compressed id of `cfg.pad_token_id`."""
     return cls(
-        compressed_vocab_size, cfg.table_bases, cfg.max_ngram_size, cfg.heads_per_ngram,
-        cfg.layer_ids, pad_id, cfg.seed,
+      compressed_vocab_size,
+      cfg.table_bases,
+      cfg.max_ngram_size,
+      cfg.heads_per_ngram,
+      cfg.layer_ids,
+      pad_id,
+      cfg.seed,
     )
 
   @property
@@ -344,8 +353,7 @@ class NgramHasher:
   def _check_layer(self, layer_id) -> int:
     if layer_id not in self._mults:
       raise ValueError(
-          f"layer_id: expected one of the hasher's Engram layers {self.layer_ids}, "
-          f"got {layer_id!r}"
+        f"layer_id: expected one of the hasher's Engram layers {self.layer_ids}, got {layer_id!r}"
       )
     return int(layer_id)
 
@@ -375,9 +383,9 @@ class NgramHasher:
       raise ValueError(f"compressed ids: expected an integer array, got dtype {x.dtype}")
     if x.size and (int(x.min()) < 0 or int(x.max()) >= self.compressed_vocab_size):
       raise ValueError(
-          f"compressed ids: expected ids in [0, {self.compressed_vocab_size}) (the compressed "
-          f"vocabulary; larger ids could overflow int64), got range "
-          f"[{int(x.min())}, {int(x.max())}]"
+        f"compressed ids: expected ids in [0, {self.compressed_vocab_size}) (the compressed "
+        f"vocabulary; larger ids could overflow int64), got range "
+        f"[{int(x.min())}, {int(x.max())}]"
       )
     return np.ascontiguousarray(x, dtype=np.int64)
 
@@ -407,8 +415,8 @@ class NgramHasher:
     if t <= _CHUNK_TOKENS:
       rows = max(1, _CHUNK_TOKENS // max(t, 1))
       return [
-          functools.partial(_hash_kernel, x[r0:r0 + rows], 0, *args, out[r0:r0 + rows])
-          for r0 in range(0, b, rows)
+        functools.partial(_hash_kernel, x[r0 : r0 + rows], 0, *args, out[r0 : r0 + rows])
+        for r0 in range(0, b, rows)
       ]
     context = self.max_ngram_size - 1
     blocks = []
@@ -417,7 +425,7 @@ class NgramHasher:
         t1 = min(t, t0 + _CHUNK_TOKENS)
         s = max(0, t0 - context)
         blocks.append(
-            functools.partial(_hash_kernel, x[r:r + 1, s:t1], t0 - s, *args, out[r:r + 1, t0:t1])
+          functools.partial(_hash_kernel, x[r : r + 1, s:t1], t0 - s, *args, out[r : r + 1, t0:t1])
         )
     return blocks
 
@@ -431,13 +439,13 @@ class NgramHasher:
     sizes = self._sizes[layer]
     if max(sizes) >= 2**31 or self.compressed_vocab_size >= 2**31:
       raise ValueError(
-          "device hashing: expected table sizes and the compressed vocabulary below 2**31, "
-          f"got max size {max(sizes)} and V'={self.compressed_vocab_size}"
+        "device hashing: expected table sizes and the compressed vocabulary below 2**31, "
+        f"got max size {max(sizes)} and V'={self.compressed_vocab_size}"
       )
     return functools.partial(
-        _hash_device,
-        mults=tuple(int(m) for m in self._mults[layer]),
-        sizes=tuple(sizes),
-        pad_id=self.pad_id,
-        heads_per_ngram=self.heads_per_ngram,
+      _hash_device,
+      mults=tuple(int(m) for m in self._mults[layer]),
+      sizes=tuple(sizes),
+      pad_id=self.pad_id,
+      heads_per_ngram=self.heads_per_ngram,
     )

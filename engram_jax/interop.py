@@ -25,8 +25,17 @@ from engram_jax.memory.table import TableLayout
 from engram_jax.tokenization import TokenizerCompressor
 
 _DEMO_CONFIG_KEYS = (
-    "engram_vocab_size", "max_ngram_size", "n_embed_per_ngram", "n_head_per_ngram",
-    "layer_ids", "pad_id", "seed", "kernel_size", "hidden_size", "hc_mult", "module_layer",
+  "engram_vocab_size",
+  "max_ngram_size",
+  "n_embed_per_ngram",
+  "n_head_per_ngram",
+  "layer_ids",
+  "pad_id",
+  "seed",
+  "kernel_size",
+  "hidden_size",
+  "hc_mult",
+  "module_layer",
 )
 
 
@@ -37,7 +46,7 @@ def _get(state_dict: Mapping[str, Any], key: str) -> np.ndarray:
 
 
 def convert_demo_state_dict(
-    state_dict: Mapping[str, Any], hc_mult: int
+  state_dict: Mapping[str, Any], hc_mult: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Maps a demo Engram module's PyTorch state dict to this project's parameters.
 
@@ -55,17 +64,17 @@ def convert_demo_state_dict(
   # M x [D, Dm] + [D, Dm] -> [Dm, M+1, D]
   kv_kernel = np.stack([w.T for w in [*keys, value]], axis=1)
   kv_bias = np.stack(
-      [_get(state_dict, f"key_projs.{i}.bias") for i in range(m)]
-      + [_get(state_dict, "value_proj.bias")]
+    [_get(state_dict, f"key_projs.{i}.bias") for i in range(m)]
+    + [_get(state_dict, "value_proj.bias")]
   )
   conv = _get(state_dict, "short_conv.conv.weight")  # [C, 1, W]
   params = {
-      "kv_kernel": kv_kernel,
-      "kv_bias": kv_bias,
-      "key_norm": np.stack([_get(state_dict, f"norm1.{i}.weight") for i in range(m)]),
-      "query_norm": np.stack([_get(state_dict, f"norm2.{i}.weight") for i in range(m)]),
-      "conv_norm": np.stack([_get(state_dict, f"short_conv.norms.{i}.weight") for i in range(m)]),
-      "conv_kernel": conv[:, 0, :].T.copy(),  # [C, W] -> [W, C]
+    "kv_kernel": kv_kernel,
+    "kv_bias": kv_bias,
+    "key_norm": np.stack([_get(state_dict, f"norm1.{i}.weight") for i in range(m)]),
+    "query_norm": np.stack([_get(state_dict, f"norm2.{i}.weight") for i in range(m)]),
+    "conv_norm": np.stack([_get(state_dict, f"short_conv.norms.{i}.weight") for i in range(m)]),
+    "conv_kernel": conv[:, 0, :].T.copy(),  # [C, W] -> [W, C]
   }
   return params, _get(state_dict, "multi_head_embedding.embedding.weight")
 
@@ -106,8 +115,10 @@ class ReferenceEngram:
 
   @classmethod
   def from_demo(
-      cls, config: Mapping[str, Any], tokenizer_file: str | os.PathLike,
-      state_dict: Mapping[str, Any],
+    cls,
+    config: Mapping[str, Any],
+    tokenizer_file: str | os.PathLike,
+    state_dict: Mapping[str, Any],
   ) -> ReferenceEngram:
     """Builds the module from the demo's config, tokenizer and state dict.
 
@@ -121,38 +132,45 @@ class ReferenceEngram:
       raise ValueError(f"config: expected the demo's keys {_DEMO_CONFIG_KEYS}, missing {missing}")
     compressor = TokenizerCompressor.from_file(tokenizer_file)
     hasher = NgramHasher(
-        compressor.num_compressed,
-        [int(v) for v in config["engram_vocab_size"]],
-        int(config["max_ngram_size"]),
-        int(config["n_head_per_ngram"]),
-        [int(i) for i in config["layer_ids"]],
-        pad_id=int(compressor(np.asarray([config["pad_id"]]))[0]),
-        seed=int(config["seed"]),
+      compressor.num_compressed,
+      [int(v) for v in config["engram_vocab_size"]],
+      int(config["max_ngram_size"]),
+      int(config["n_head_per_ngram"]),
+      [int(i) for i in config["layer_ids"]],
+      pad_id=int(compressor(np.asarray([config["pad_id"]]))[0]),
+      seed=int(config["seed"]),
     )
     layer = int(config["module_layer"])
     m = int(config["hc_mult"])
     params, table = convert_demo_state_dict(state_dict, m)
     layout = TableLayout.from_sizes(
-        hasher.table_sizes(layer),
-        int(config["n_embed_per_ngram"]) // int(config["n_head_per_ngram"]),
+      hasher.table_sizes(layer),
+      int(config["n_embed_per_ngram"]) // int(config["n_head_per_ngram"]),
     )
     if table.shape != (layout.num_rows, layout.dim):
       raise ValueError(
-          f"state_dict: expected a table of shape ({layout.num_rows}, {layout.dim}) for layer "
-          f"{layer}, got {table.shape}"
+        f"state_dict: expected a table of shape ({layout.num_rows}, {layout.dim}) for layer "
+        f"{layer}, got {table.shape}"
       )
     demo_offsets = state_dict.get("multi_head_embedding.offsets")
     if demo_offsets is not None and not np.array_equal(demo_offsets, layout.offsets):
       raise ValueError(
-          f"state_dict: the demo's head offsets {np.asarray(demo_offsets)} differ from the "
-          f"hasher's {layout.offsets}"
+        f"state_dict: the demo's head offsets {np.asarray(demo_offsets)} differ from the "
+        f"hasher's {layout.offsets}"
       )
     module = Engram(
-        max_ngram_size=int(config["max_ngram_size"]), kernel_size=int(config["kernel_size"])
+      max_ngram_size=int(config["max_ngram_size"]), kernel_size=int(config["kernel_size"])
     )
     return cls(
-        compressor, hasher, layer, layout, jnp.asarray(table),
-        jax.tree.map(jnp.asarray, params), int(config["hidden_size"]), m, module,
+      compressor,
+      hasher,
+      layer,
+      layout,
+      jnp.asarray(table),
+      jax.tree.map(jnp.asarray, params),
+      int(config["hidden_size"]),
+      m,
+      module,
     )
 
   def hash_ids(self, input_ids) -> np.ndarray:
@@ -172,8 +190,8 @@ class ReferenceEngram:
       raise ValueError(f"hidden: expected shape {expected}, got {hidden.shape}")
     if input_ids.shape != hidden.shape[:2]:
       raise ValueError(
-          f"input_ids: expected shape [B, T] = {hidden.shape[:2]} matching hidden, "
-          f"got {input_ids.shape}"
+        f"input_ids: expected shape [B, T] = {hidden.shape[:2]} matching hidden, "
+        f"got {input_ids.shape}"
       )
     ids = jnp.asarray(self.hash_ids(input_ids), dtype=jnp.int32)
     rows = device.fetch(self.layout, self.table, ids)

@@ -59,31 +59,44 @@ class Block(nn.Module):
       if rows is None:
         raise ValueError(f"rows: block {self.layer} is an Engram layer but got no rows")
       engram = Engram(
-          max_ngram_size=cfg.engram.max_ngram_size, kernel_size=cfg.engram.kernel_size,
-          dtype=dtype, name="engram",
+        max_ngram_size=cfg.engram.max_ngram_size,
+        kernel_size=cfg.engram.kernel_size,
+        dtype=dtype,
+        name="engram",
       )
       h = h + engram(h, rows).astype(h.dtype)
 
-    hc_attn = HyperConnection(streams=cfg.streams, sinkhorn_iters=cfg.sinkhorn_iters,
-                              eps=cfg.norm_eps, name="hc_attn")
+    hc_attn = HyperConnection(
+      streams=cfg.streams, sinkhorn_iters=cfg.sinkhorn_iters, eps=cfg.norm_eps, name="hc_attn"
+    )
     x, ctx = hc_attn.pre(h)
     attn = CausalSelfAttention(
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        rope_theta=cfg.rope_theta, dtype=dtype, name="attn",
+      num_heads=cfg.num_heads,
+      num_kv_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim,
+      rope_theta=cfg.rope_theta,
+      dtype=dtype,
+      name="attn",
     )
     y = attn(RMSNorm(eps=cfg.norm_eps, name="attn_norm")(x))
     h = hc_attn.post(ctx, y.astype(h.dtype))
 
-    hc_ffn = HyperConnection(streams=cfg.streams, sinkhorn_iters=cfg.sinkhorn_iters,
-                             eps=cfg.norm_eps, name="hc_ffn")
+    hc_ffn = HyperConnection(
+      streams=cfg.streams, sinkhorn_iters=cfg.sinkhorn_iters, eps=cfg.norm_eps, name="hc_ffn"
+    )
     x, ctx = hc_ffn.pre(h)
     x = RMSNorm(eps=cfg.norm_eps, name="ffn_norm")(x)
     load = None
     if cfg.is_moe_layer(self.layer):
       moe = cfg.moe
       y, load = MoE(
-          num_experts=moe.num_experts, top_k=moe.top_k, expert_hidden=moe.expert_hidden,
-          num_shared=moe.num_shared, routed_scaling=moe.routed_scaling, dtype=dtype, name="moe",
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        expert_hidden=moe.expert_hidden,
+        num_shared=moe.num_shared,
+        routed_scaling=moe.routed_scaling,
+        dtype=dtype,
+        name="moe",
       )(x)
     else:
       y = FeedForward(hidden_dim=cfg.ffn_hidden, dtype=dtype, name="ffn")(x)
@@ -102,7 +115,7 @@ class EngramLM(nn.Module):
 
   @nn.compact
   def __call__(
-      self, tokens: jax.Array, rows: Mapping[int, jax.Array] | None = None
+    self, tokens: jax.Array, rows: Mapping[int, jax.Array] | None = None
   ) -> tuple[jax.Array, jax.Array]:
     """Next-token logits.
 
@@ -120,13 +133,14 @@ class EngramLM(nn.Module):
     rows = dict(rows or {})
     missing = [i for i in cfg.engram_layers if i not in rows]
     if missing:
-      raise ValueError(f"rows: expected rows for every Engram layer {cfg.engram_layers}, "
-                       f"missing {missing}")
+      raise ValueError(
+        f"rows: expected rows for every Engram layer {cfg.engram_layers}, missing {missing}"
+      )
     embed = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-        (cfg.vocab_size, cfg.d_model),
-        jnp.float32,
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.d_model),
+      jnp.float32,
     )
     x = jnp.take(embed, tokens, axis=0)  # [B, T] -> [B, T, D]
     h = expand_streams(x, cfg.streams)  # [B, T, D] -> [B, T, M, D]
@@ -137,10 +151,10 @@ class EngramLM(nn.Module):
         loads.append(load)
     x = RMSNorm(eps=cfg.norm_eps, name="final_norm")(merge_streams(h))  # [B, T, M, D] -> [B, T, D]
     head = self.param(
-        "lm_head",
-        nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
-        (cfg.d_model, cfg.vocab_size),
-        jnp.float32,
+      "lm_head",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
+      (cfg.d_model, cfg.vocab_size),
+      jnp.float32,
     )
     dtype = _dtype(cfg.dtype)
     # [B, T, D] x [D, V] -> [B, T, V]

@@ -16,37 +16,65 @@ from collections.abc import Callable
 
 from engram_jax import params as params_lib
 from engram_jax.config import (
-    EngramConfig,
-    ExperimentConfig,
-    ModelConfig,
-    MoEConfig,
-    OptimConfig,
-    TrainConfig,
-    engram_27b_memory,
-    engram_40b_memory,
+  EngramConfig,
+  ExperimentConfig,
+  ModelConfig,
+  MoEConfig,
+  OptimConfig,
+  TrainConfig,
+  engram_27b_memory,
+  engram_40b_memory,
 )
 
 # DeepSeek-V3's tokenizer; replaced by the actual tokenizer's size when training.
 _PAPER_VOCAB = 129_280
-_PAPER_TRAIN = TrainConfig(steps=50_000, batch_size=1280, seq_len=4096, eval_every=1000,
-                           checkpoint_every=1000, log_every=10, eval_batches=64)
+_PAPER_TRAIN = TrainConfig(
+  steps=50_000,
+  batch_size=1280,
+  seq_len=4096,
+  eval_every=1000,
+  checkpoint_every=1000,
+  log_every=10,
+  eval_batches=64,
+)
 _PAPER_OPTIM = OptimConfig(lr=4e-4, warmup_steps=2000)
 
 
 def tiny() -> ExperimentConfig:
   """Two blocks (dense, then MoE with Engram), M = 2 streams: for tests."""
   model = ModelConfig(
-      vocab_size=8192, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-      ffn_hidden=64, num_dense_layers=1,
-      moe=MoEConfig(num_experts=4, num_shared=1, top_k=2, expert_hidden=32),
-      engram=EngramConfig(max_ngram_size=3, heads_per_ngram=2, embed_per_ngram=32,
-                          table_bases=(1009, 503), layer_ids=(1,), pad_token_id=0),
-      streams=2,
+    vocab_size=8192,
+    d_model=32,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    ffn_hidden=64,
+    num_dense_layers=1,
+    moe=MoEConfig(num_experts=4, num_shared=1, top_k=2, expert_hidden=32),
+    engram=EngramConfig(
+      max_ngram_size=3,
+      heads_per_ngram=2,
+      embed_per_ngram=32,
+      table_bases=(1009, 503),
+      layer_ids=(1,),
+      pad_token_id=0,
+    ),
+    streams=2,
   )
   return ExperimentConfig(
-      "tiny", model, OptimConfig(lr=3e-3, warmup_steps=2),
-      TrainConfig(steps=6, batch_size=2, seq_len=32, eval_every=3, eval_batches=2,
-                  log_every=1, checkpoint_every=3),
+    "tiny",
+    model,
+    OptimConfig(lr=3e-3, warmup_steps=2),
+    TrainConfig(
+      steps=6,
+      batch_size=2,
+      seq_len=32,
+      eval_every=3,
+      eval_batches=2,
+      log_every=1,
+      checkpoint_every=3,
+    ),
   )
 
 
@@ -54,16 +82,30 @@ def cpu_small_moe() -> ExperimentConfig:
   """The MoE baseline of the main job: 4 blocks, D = 128, 16 routed experts (top-2) + 1
   shared, mHC with M = 4."""
   model = ModelConfig(
-      vocab_size=8192, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
-      ffn_hidden=384, num_dense_layers=1,
-      moe=MoEConfig(num_experts=16, num_shared=1, top_k=2, expert_hidden=128,
-                    balance_rate=1e-2),
-      streams=4,
+    vocab_size=8192,
+    d_model=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=32,
+    ffn_hidden=384,
+    num_dense_layers=1,
+    moe=MoEConfig(num_experts=16, num_shared=1, top_k=2, expert_hidden=128, balance_rate=1e-2),
+    streams=4,
   )
   return ExperimentConfig(
-      "cpu_small_moe", model, OptimConfig(lr=3e-3, warmup_steps=60),
-      TrainConfig(steps=600, batch_size=16, seq_len=64, eval_every=100, eval_batches=32,
-                  log_every=10, checkpoint_every=100),
+    "cpu_small_moe",
+    model,
+    OptimConfig(lr=3e-3, warmup_steps=60),
+    TrainConfig(
+      steps=600,
+      batch_size=16,
+      seq_len=64,
+      eval_every=100,
+      eval_batches=32,
+      log_every=10,
+      checkpoint_every=100,
+    ),
   )
 
 
@@ -71,8 +113,15 @@ def cpu_small_memory() -> EngramConfig:
   """The main job's Engram: N = 3, K = 4 heads per order, 16-wide rows, at block 1 (0-based;
   the paper's best single layer, block 2 counting from 1). Table bases are set by the
   iso-parameter rule."""
-  return EngramConfig(max_ngram_size=3, heads_per_ngram=4, embed_per_ngram=64,
-                      table_bases=(2, 2), layer_ids=(1,), kernel_size=4, pad_token_id=0)
+  return EngramConfig(
+    max_ngram_size=3,
+    heads_per_ngram=4,
+    embed_per_ngram=64,
+    table_bases=(2, 2),
+    layer_ids=(1,),
+    kernel_size=4,
+    pad_token_id=0,
+  )
 
 
 def cpu_small(rho: float = 0.75) -> ExperimentConfig:
@@ -86,18 +135,32 @@ def cpu_small(rho: float = 0.75) -> ExperimentConfig:
 def dense_4b() -> ExperimentConfig:
   """A ~4B dense model of the paper's inference study (§6.4): 30 blocks, D = 2560."""
   model = ModelConfig(
-      vocab_size=_PAPER_VOCAB, d_model=2560, num_layers=30, num_heads=32, num_kv_heads=32,
-      head_dim=80, ffn_hidden=10_240, num_dense_layers=30, streams=1,
+    vocab_size=_PAPER_VOCAB,
+    d_model=2560,
+    num_layers=30,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=80,
+    ffn_hidden=10_240,
+    num_dense_layers=30,
+    streams=1,
   )
   return ExperimentConfig("dense_4b", model, _PAPER_OPTIM, _PAPER_TRAIN)
 
 
 def _paper_moe(num_experts: int, engram: EngramConfig | None) -> ModelConfig:
   return ModelConfig(
-      vocab_size=_PAPER_VOCAB, d_model=2560, num_layers=30, num_heads=32, num_kv_heads=32,
-      head_dim=80, ffn_hidden=10_240, num_dense_layers=1,
-      moe=MoEConfig(num_experts=num_experts, num_shared=2, top_k=6, expert_hidden=1536),
-      engram=engram, streams=4,
+    vocab_size=_PAPER_VOCAB,
+    d_model=2560,
+    num_layers=30,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=80,
+    ffn_hidden=10_240,
+    num_dense_layers=1,
+    moe=MoEConfig(num_experts=num_experts, num_shared=2, top_k=6, expert_hidden=1536),
+    engram=engram,
+    streams=4,
   )
 
 
@@ -108,39 +171,54 @@ def moe_27b() -> ExperimentConfig:
 
 def engram_27b() -> ExperimentConfig:
   """Engram-27B: MoE-27B with 55 routed experts and 5.7B of Engram at blocks 2 and 15."""
-  return ExperimentConfig("engram_27b", _paper_moe(55, engram_27b_memory()), _PAPER_OPTIM,
-                          _PAPER_TRAIN)
+  return ExperimentConfig(
+    "engram_27b", _paper_moe(55, engram_27b_memory()), _PAPER_OPTIM, _PAPER_TRAIN
+  )
 
 
 def engram_40b() -> ExperimentConfig:
   """Engram-40B: the Engram-27B backbone with 18.5B of Engram (7,239,680 rows per head)."""
-  return ExperimentConfig("engram_40b", _paper_moe(55, engram_40b_memory()), _PAPER_OPTIM,
-                          _PAPER_TRAIN)
+  return ExperimentConfig(
+    "engram_40b", _paper_moe(55, engram_40b_memory()), _PAPER_OPTIM, _PAPER_TRAIN
+  )
 
 
 def ablation_12l() -> ExperimentConfig:
   """The ablation setup of §6.2: a 12-block ~3B MoE with 1.6B of Engram at blocks 2 and 6
   (1-based; 1 and 5 here)."""
-  engram = EngramConfig(max_ngram_size=3, heads_per_ngram=8, embed_per_ngram=640,
-                        table_bases=(625_000, 625_000), layer_ids=(1, 5), pad_token_id=2)
+  engram = EngramConfig(
+    max_ngram_size=3,
+    heads_per_ngram=8,
+    embed_per_ngram=640,
+    table_bases=(625_000, 625_000),
+    layer_ids=(1, 5),
+    pad_token_id=2,
+  )
   model = ModelConfig(
-      vocab_size=_PAPER_VOCAB, d_model=1536, num_layers=12, num_heads=12, num_kv_heads=12,
-      head_dim=128, ffn_hidden=6144, num_dense_layers=1,
-      moe=MoEConfig(num_experts=64, num_shared=2, top_k=6, expert_hidden=768),
-      engram=engram, streams=4,
+    vocab_size=_PAPER_VOCAB,
+    d_model=1536,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=12,
+    head_dim=128,
+    ffn_hidden=6144,
+    num_dense_layers=1,
+    moe=MoEConfig(num_experts=64, num_shared=2, top_k=6, expert_hidden=768),
+    engram=engram,
+    streams=4,
   )
   return ExperimentConfig("ablation_12l", model, _PAPER_OPTIM, _PAPER_TRAIN)
 
 
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
-    "tiny": tiny,
-    "cpu_small": cpu_small,
-    "cpu_small_moe": cpu_small_moe,
-    "dense_4b": dense_4b,
-    "moe_27b": moe_27b,
-    "engram_27b": engram_27b,
-    "engram_40b": engram_40b,
-    "ablation_12l": ablation_12l,
+  "tiny": tiny,
+  "cpu_small": cpu_small,
+  "cpu_small_moe": cpu_small_moe,
+  "dense_4b": dense_4b,
+  "moe_27b": moe_27b,
+  "engram_27b": engram_27b,
+  "engram_40b": engram_40b,
+  "ablation_12l": ablation_12l,
 }
 
 

@@ -28,8 +28,14 @@ EXAMPLE = "Only Alexander the Great could tame the horse Bucephalus."
 def quickstart_config() -> EngramConfig:
   """A small memory for the tour: N = 3, K = 4, one Engram layer."""
   return EngramConfig(
-      max_ngram_size=3, heads_per_ngram=4, embed_per_ngram=64, table_bases=(10_007, 10_007),
-      layer_ids=(1,), kernel_size=4, pad_token_id=0, seed=0,
+    max_ngram_size=3,
+    heads_per_ngram=4,
+    embed_per_ngram=64,
+    table_bases=(10_007, 10_007),
+    layer_ids=(1,),
+    kernel_size=4,
+    pad_token_id=0,
+    seed=0,
   )
 
 
@@ -46,12 +52,12 @@ class TokenRow:
 
 
 def explain(
-    text: str,
-    tokenizer_path: str | os.PathLike,
-    cfg: EngramConfig | None = None,
-    streams: int = 4,
-    hidden_size: int = 64,
-    seed: int = 0,
+  text: str,
+  tokenizer_path: str | os.PathLike,
+  cfg: EngramConfig | None = None,
+  streams: int = 4,
+  hidden_size: int = 64,
+  seed: int = 0,
 ) -> list[TokenRow]:
   """Tokenizes, compresses and hashes `text`, then runs one Engram layer on random states.
 
@@ -88,9 +94,15 @@ def explain(
   _, state = module.apply(params, hidden, rows, mutable=["intermediates"])
   gates = np.asarray(state["intermediates"]["gate"][0])[0]  # [T, M]
   return [
-      TokenRow(t, tok.decode([int(raw[0, t])]), int(raw[0, t]), int(compressed[0, t]),
-               tuple(int(v) for v in ids[0, t]), tuple(float(g) for g in gates[t]))
-      for t in range(raw.shape[1])
+    TokenRow(
+      t,
+      tok.decode([int(raw[0, t])]),
+      int(raw[0, t]),
+      int(compressed[0, t]),
+      tuple(int(v) for v in ids[0, t]),
+      tuple(float(g) for g in gates[t]),
+    )
+    for t in range(raw.shape[1])
   ]
 
 
@@ -102,6 +114,6 @@ def format_rows(rows: list[TokenRow]) -> str:
     hashes = " ".join(map(str, r.hash_ids[:half])) + " | " + " ".join(map(str, r.hash_ids[half:]))
     gates = " ".join(f"{g:.3f}" for g in r.gates)
     lines.append(
-        f"{r.position:>3} {r.token!r:<14} {r.raw_id:>6} {r.compressed_id:>6}  {hashes:<58} {gates}"
+      f"{r.position:>3} {r.token!r:<14} {r.raw_id:>6} {r.compressed_id:>6}  {hashes:<58} {gates}"
     )
   return "\n".join(lines)

@@ -28,7 +28,8 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 
 def _normalizer() -> normalizers.Normalizer:
-  return normalizers.Sequence([
+  return normalizers.Sequence(
+    [
       normalizers.NFKC(),
       normalizers.NFD(),
       normalizers.StripAccents(),
@@ -37,7 +38,8 @@ def _normalizer() -> normalizers.Normalizer:
       normalizers.Replace(Regex(r"^ $"), _SENTINEL),
       normalizers.Strip(),
       normalizers.Replace(_SENTINEL, " "),
-  ])
+    ]
+  )
 
 
 def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
@@ -54,8 +56,8 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # tokenizers raises a bare Exception on malformed files.
     raise ValueError(
-        f"{path!r} is not a Hugging Face tokenizer.json (expected the JSON written by "
-        f"`tokenizers.Tokenizer.save`): {e}"
+      f"{path!r} is not a Hugging Face tokenizer.json (expected the JSON written by "
+      f"`tokenizers.Tokenizer.save`): {e}"
     ) from e
 
 
@@ -116,8 +118,8 @@ class TokenizerCompressor:
     ids = ids.astype(np.int64, copy=False)
     if ids.size and int(ids.max()) >= self.vocab_size:
       raise ValueError(
-          f"token ids: expected raw ids < the tokenizer's vocabulary size {self.vocab_size}, "
-          f"got max id {int(ids.max())}"
+        f"token ids: expected raw ids < the tokenizer's vocabulary size {self.vocab_size}, "
+        f"got max id {int(ids.max())}"
       )
     return np.where(ids >= 0, self.lookup[np.maximum(ids, 0)], ids)
 
@@ -140,7 +142,7 @@ class CompressionStats:
 
 
 def compression_stats(
-    compressor: TokenizerCompressor, tok: tokenizers.Tokenizer, top: int = 10
+  compressor: TokenizerCompressor, tok: tokenizers.Tokenizer, top: int = 10
 ) -> CompressionStats:
   """Counts how much the map merges and lists its largest groups."""
   groups: dict[int, list[int]] = collections.defaultdict(list)
@@ -148,9 +150,11 @@ def compression_stats(
     groups[cid].append(tid)
   largest = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
   top_groups = tuple(
-      (compressor.keys[cid] if compressor.keys else str(cid),
-       tuple(tok.decode([t], skip_special_tokens=False) for t in tids))
-      for cid, tids in largest
+    (
+      compressor.keys[cid] if compressor.keys else str(cid),
+      tuple(tok.decode([t], skip_special_tokens=False) for t in tids),
+    )
+    for cid, tids in largest
   )
   v, vc = compressor.vocab_size, compressor.num_compressed
   return CompressionStats(v, vc, 1.0 - vc / v, top_groups)
@@ -159,11 +163,11 @@ def compression_stats(
 def format_stats(stats: CompressionStats) -> str:
   """A human-readable report of `compression_stats`."""
   lines = [
-      f"raw vocabulary:        {stats.vocab_size:,}",
-      f"compressed vocabulary: {stats.num_compressed:,}",
-      f"reduction:             {100 * stats.reduction:.2f}%",
-      "",
-      f"{'normalised':<16} {'merged':>6}  raw tokens",
+    f"raw vocabulary:        {stats.vocab_size:,}",
+    f"compressed vocabulary: {stats.num_compressed:,}",
+    f"reduction:             {100 * stats.reduction:.2f}%",
+    "",
+    f"{'normalised':<16} {'merged':>6}  raw tokens",
   ]
   for key, raws in stats.top_groups:
     shown = ", ".join(json.dumps(r, ensure_ascii=False) for r in raws[:8])

@@ -1,7 +1,7 @@
 """Generates text from a trained run, with the Engram tables served by any memory backend.
 
-    python -m experiments.generate --workdir=runs/cpu_small/engram --prompt="And God said"
-    python -m experiments.generate --workdir=runs/cpu_small/engram --memory=tiered
+python -m experiments.generate --workdir=runs/cpu_small/engram --prompt="And God said"
+python -m experiments.generate --workdir=runs/cpu_small/engram --memory=tiered
 """
 
 from absl import app, flags, logging
@@ -16,8 +16,9 @@ _TOKENS = flags.DEFINE_integer("max_new_tokens", 40, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; else sampling temperature.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 # 'sharded' serves from a mesh; generation here runs on one device.
-_MEMORY = flags.DEFINE_enum("memory", "host", ["device", "host", "tiered"],
-                            "Where the tables are served from.")
+_MEMORY = flags.DEFINE_enum(
+  "memory", "host", ["device", "host", "tiered"], "Where the tables are served from."
+)
 _CACHE = flags.DEFINE_float("cache_fraction", 0.05, "Cache size of --memory=tiered.")
 
 

@@ -1,6 +1,6 @@
 """Quickstart: hash a sentence and run an Engram layer on it (`make demo`).
 
-    python -m experiments.quickstart [--text "..."] [--tokenizer data/tokenizer.json]
+python -m experiments.quickstart [--text "..."] [--tokenizer data/tokenizer.json]
 """
 
 from absl import app, flags

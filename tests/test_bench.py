@@ -7,15 +7,16 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    ("module", "args", "expected"),
-    [
-        ("bench.hashing", ["--batch=4", "--seq=300", "--repeats=1"], "speedup:"),
-        ("bench.train_step", ["--preset=tiny", "--repeats=2"], "ratio:"),
-        ("bench.memory", ["--smoke"], "copy"),
-    ],
+  ("module", "args", "expected"),
+  [
+    ("bench.hashing", ["--batch=4", "--seq=300", "--repeats=1"], "speedup:"),
+    ("bench.train_step", ["--preset=tiny", "--repeats=2"], "ratio:"),
+    ("bench.memory", ["--smoke"], "copy"),
+  ],
 )
 def test_bench_script_runs(module, args, expected):
-  r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                     timeout=600, check=False)
+  r = subprocess.run(
+    [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600, check=False
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert expected in r.stdout

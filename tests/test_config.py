@@ -13,18 +13,18 @@ from engram_jax.memory.table import TableLayout
 
 
 @pytest.mark.parametrize(
-    ("changes", "field"),
-    [
-        ({"table_bases": (1009,)}, "table_bases"),
-        ({"max_ngram_size": 1, "table_bases": ()}, "max_ngram_size"),
-        ({"heads_per_ngram": 0}, "heads_per_ngram"),
-        ({"embed_per_ngram": 33}, "embed_per_ngram"),
-        ({"layer_ids": (0, -1)}, "layer_ids"),
-        ({"layer_ids": (2, 2)}, "layer_ids"),
-        ({"layer_ids": ()}, "layer_ids"),
-        ({"table_bases": (1009, 1)}, "table_bases"),
-        ({"kernel_size": 0}, "kernel_size"),
-    ],
+  ("changes", "field"),
+  [
+    ({"table_bases": (1009,)}, "table_bases"),
+    ({"max_ngram_size": 1, "table_bases": ()}, "max_ngram_size"),
+    ({"heads_per_ngram": 0}, "heads_per_ngram"),
+    ({"embed_per_ngram": 33}, "embed_per_ngram"),
+    ({"layer_ids": (0, -1)}, "layer_ids"),
+    ({"layer_ids": (2, 2)}, "layer_ids"),
+    ({"layer_ids": ()}, "layer_ids"),
+    ({"table_bases": (1009, 1)}, "table_bases"),
+    ({"kernel_size": 0}, "kernel_size"),
+  ],
 )
 def test_invalid_config_names_field(changes, field):
   with pytest.raises(ValueError, match=field):
@@ -37,8 +37,8 @@ def test_derived_widths():
 
 
 @pytest.mark.parametrize(
-    ("preset", "expected"),
-    [("engram_27b", 5.792e9), ("engram_40b", 18.534e9)],
+  ("preset", "expected"),
+  [("engram_27b", 5.792e9), ("engram_40b", 18.534e9)],
 )
 def test_paper_table_parameter_counts(preset, expected):
   c = cfg_lib.MEMORY_PRESETS[preset]()

@@ -36,7 +36,6 @@ def _gated_value(params, hidden, rows):
 
 
 class EngramTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_init_output_is_gated_value(self):
     hidden, rows = _inputs()
@@ -61,7 +60,7 @@ class EngramTest(chex.TestCase):
     params["conv_kernel"] = jax.random.normal(jax.random.key(2), params["conv_kernel"].shape)
     t = 5
     grad = jax.grad(lambda r: layer.apply({"params": params}, hidden, r)[:, t].sum())(rows)
-    assert np.all(np.asarray(grad[:, t + 1:]) == 0)
+    assert np.all(np.asarray(grad[:, t + 1 :]) == 0)
     assert np.any(np.asarray(grad[:, t]) != 0) and np.any(np.asarray(grad[:, t - 2]) != 0)
 
   def test_bfloat16_compute_close_to_float32(self):

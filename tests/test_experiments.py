@@ -10,21 +10,22 @@ from engram_jax.quickstart import EXAMPLE, explain, format_rows
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, check=False
+  )
 
 
 @pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--preset=nope"], "preset: expected one of"),
-        (["--seq_len=2"], "seq_len: expected at least the n-gram order"),
-        (["--corpus=/does/not/exist.txt"], "--corpus: file(s) not found"),
-        (["--steps=0"], "steps: expected an int >= 1"),
-        (["--memory=sharded"], "expected a mesh of several devices"),
-        (["--mesh=999"], "mesh: expected 1.."),
-        (["--memory=disk"], "--memory"),
-    ],
+  ("flags", "message"),
+  [
+    (["--preset=nope"], "preset: expected one of"),
+    (["--seq_len=2"], "seq_len: expected at least the n-gram order"),
+    (["--corpus=/does/not/exist.txt"], "--corpus: file(s) not found"),
+    (["--steps=0"], "steps: expected an int >= 1"),
+    (["--memory=sharded"], "expected a mesh of several devices"),
+    (["--mesh=999"], "mesh: expected 1.."),
+    (["--memory=disk"], "--memory"),
+  ],
 )
 def test_train_flag_errors(tmp_path, flags, message):
   r = _run("experiments.train", f"--workdir={tmp_path}", *flags)

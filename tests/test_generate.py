@@ -40,10 +40,13 @@ def test_padding_does_not_change_the_logits(trained):
   ids = np.asarray([[7, 99, 1000, 42]])
   padded = gen.next_token_logits(ids[0].tolist())  # read inside a 64-token bucket
   hash_ids = gen._hash_fn(ids)
-  rows = {layer: jnp.asarray(gen.tables[layer].fetch(hash_ids[layer] + layout.offsets))
-          for layer, layout in gen.trainer.layouts.items()}
-  logits, _ = gen.trainer.model.apply({"params": gen.params, "balance": gen.balance},
-                                      jnp.asarray(ids, jnp.int32), rows)
+  rows = {
+    layer: jnp.asarray(gen.tables[layer].fetch(hash_ids[layer] + layout.offsets))
+    for layer, layout in gen.trainer.layouts.items()
+  }
+  logits, _ = gen.trainer.model.apply(
+    {"params": gen.params, "balance": gen.balance}, jnp.asarray(ids, jnp.int32), rows
+  )
   np.testing.assert_allclose(padded, np.asarray(logits[0, -1]), rtol=1e-5, atol=1e-5)
 
 

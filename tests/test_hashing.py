@@ -13,8 +13,9 @@ from engram_jax.tokenization import TokenizerCompressor
 def reference_hash(x, mults, sizes, pad_id, n_max, k):
   """The demo's structure: pad-shift, multiply, XOR, one modulo per head."""
   t = x.shape[1]
-  shifts = [x] + [np.pad(x, ((0, 0), (s, 0)), constant_values=pad_id)[:, :t]
-                  for s in range(1, n_max)]
+  shifts = [x] + [
+    np.pad(x, ((0, 0), (s, 0)), constant_values=pad_id)[:, :t] for s in range(1, n_max)
+  ]
   out = []
   for n in range(2, n_max + 1):
     mix = shifts[0] * mults[0]
@@ -29,9 +30,13 @@ def demo(demo_vectors, demo_tokenizer_path):
   config, _, arrays = demo_vectors
   comp = TokenizerCompressor.from_file(demo_tokenizer_path)
   hasher = NgramHasher(
-      comp.num_compressed, config["engram_vocab_size"], config["max_ngram_size"],
-      config["n_head_per_ngram"], config["layer_ids"], int(comp.lookup[config["pad_id"]]),
-      config["seed"],
+    comp.num_compressed,
+    config["engram_vocab_size"],
+    config["max_ngram_size"],
+    config["n_head_per_ngram"],
+    config["layer_ids"],
+    int(comp.lookup[config["pad_id"]]),
+    config["seed"],
   )
   return config, arrays, comp, hasher
 
@@ -60,9 +65,12 @@ def test_device_path_equals_demo_under_jit(demo):
 
 
 @pytest.mark.parametrize(
-    ("vocab", "bases", "n_max", "k"),
-    [(129_280, (2_262_400, 2_262_400), 3, 8), (2**31 - 1, (2**30, 2**29, 7), 4, 2),
-     (50, (11, 13), 3, 3)],
+  ("vocab", "bases", "n_max", "k"),
+  [
+    (129_280, (2_262_400, 2_262_400), 3, 8),
+    (2**31 - 1, (2**30, 2**29, 7), 4, 2),
+    (50, (11, 13), 3, 3),
+  ],
 )
 def test_device_path_equals_host_near_vocab_bound(vocab, bases, n_max, k):
   hasher = NgramHasher(vocab, bases, n_max, k, [0, 3], pad_id=vocab - 1, seed=11)
@@ -94,8 +102,9 @@ def test_float_quotient_edge_equals_reference(vocab):
   hasher = NgramHasher(vocab, (8_180, 2**30), 3, 3, [0], pad_id=0, seed=3)
   assert hasher.table_sizes(0)[:3] == [8_191, 8_209, 8_219]
   rng = np.random.default_rng(2)
-  x = np.concatenate([rng.integers(vocab - 64, vocab, size=(4, 500)),
-                      rng.integers(0, vocab, size=(4, 500))])
+  x = np.concatenate(
+    [rng.integers(vocab - 64, vocab, size=(4, 500)), rng.integers(0, vocab, size=(4, 500))]
+  )
   want = reference_hash(x, hasher.multipliers(0), hasher.table_sizes(0), 0, 3, 3)
   np.testing.assert_array_equal(hasher(x, 0), want)
 
@@ -135,21 +144,28 @@ def test_bad_ids_and_layers():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"table_bases": (11,)}, "table_bases"),
-        ({"max_ngram_size": 1, "table_bases": ()}, "max_ngram_size"),
-        ({"heads_per_ngram": 0}, "heads_per_ngram"),
-        ({"layer_ids": [-1]}, "layer_ids"),
-        ({"layer_ids": [1, 1]}, "layer_ids"),
-        ({"table_bases": (11, 1)}, "table_bases"),
-        ({"pad_id": 100}, "pad_id"),
-        ({"compressed_vocab_size": 0, "pad_id": 0}, "compressed_vocab_size"),
-    ],
+  ("kwargs", "field"),
+  [
+    ({"table_bases": (11,)}, "table_bases"),
+    ({"max_ngram_size": 1, "table_bases": ()}, "max_ngram_size"),
+    ({"heads_per_ngram": 0}, "heads_per_ngram"),
+    ({"layer_ids": [-1]}, "layer_ids"),
+    ({"layer_ids": [1, 1]}, "layer_ids"),
+    ({"table_bases": (11, 1)}, "table_bases"),
+    ({"pad_id": 100}, "pad_id"),
+    ({"compressed_vocab_size": 0, "pad_id": 0}, "compressed_vocab_size"),
+  ],
 )
 def test_bad_hasher_arguments(kwargs, field):
-  args = dict(compressed_vocab_size=100, table_bases=(11, 13), max_ngram_size=3,
-              heads_per_ngram=2, layer_ids=[0], pad_id=0, seed=0)
+  args = dict(
+    compressed_vocab_size=100,
+    table_bases=(11, 13),
+    max_ngram_size=3,
+    heads_per_ngram=2,
+    layer_ids=[0],
+    pad_id=0,
+    seed=0,
+  )
   args.update(kwargs)
   with pytest.raises(ValueError, match=field):
     NgramHasher(**args)

@@ -23,8 +23,9 @@ def test_module_output_matches_demo(ref, demo_vectors):
 def test_hash_ids_and_offsets_match_demo(ref, demo_vectors):
   config, state_dict, arrays = demo_vectors
   assert ref.layer_id == config["module_layer"]
-  np.testing.assert_array_equal(ref.hash_ids(arrays["input_ids"]),
-                                arrays[f"hash_layer{ref.layer_id}"])
+  np.testing.assert_array_equal(
+    ref.hash_ids(arrays["input_ids"]), arrays[f"hash_layer{ref.layer_id}"]
+  )
   np.testing.assert_array_equal(ref.layout.offsets, state_dict["multi_head_embedding.offsets"])
 
 
@@ -55,12 +56,14 @@ def test_construction_errors(demo_vectors, demo_tokenizer_path, tmp_path):
   with pytest.raises(ValueError, match=r"value_proj\.bias"):
     ReferenceEngram.from_demo(config, demo_tokenizer_path, missing)
   with pytest.raises(ValueError, match="hc_mult"):
-    ReferenceEngram.from_demo({k: v for k, v in config.items() if k != "hc_mult"},
-                              demo_tokenizer_path, state_dict)
+    ReferenceEngram.from_demo(
+      {k: v for k, v in config.items() if k != "hc_mult"}, demo_tokenizer_path, state_dict
+    )
   with pytest.raises(FileNotFoundError):
     ReferenceEngram.from_demo(config, tmp_path / "missing.json", state_dict)
   short = dict(state_dict)
   short["multi_head_embedding.embedding.weight"] = state_dict[
-      "multi_head_embedding.embedding.weight"][:-1]
+    "multi_head_embedding.embedding.weight"
+  ][:-1]
   with pytest.raises(ValueError, match="table of shape"):
     ReferenceEngram.from_demo(config, demo_tokenizer_path, short)

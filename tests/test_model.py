@@ -19,9 +19,14 @@ def _setup(model_cfg, seed=0):
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, model_cfg.vocab_size, size=(B, T)), jnp.int32)
   e = model_cfg.engram
-  rows = {} if e is None else {
+  rows = (
+    {}
+    if e is None
+    else {
       layer: jnp.asarray(rng.normal(size=(B, T, e.num_heads, e.head_dim)), jnp.float32)
-      for layer in e.layer_ids}
+      for layer in e.layer_ids
+    }
+  )
   model = EngramLM(model_cfg)
   variables = nn.unbox(model.init(jax.random.key(seed), tokens, rows))
   return model, variables, tokens, rows
@@ -48,12 +53,14 @@ def test_causal_in_tokens_and_rows(tiny_cfg):
   model, variables, tokens, rows = _setup(tiny_cfg)
   t = 6
   g_rows = jax.grad(lambda r: model.apply(variables, tokens, {1: r})[0][:, t].sum())(rows[1])
-  assert np.all(np.asarray(g_rows[:, t + 1:]) == 0)
+  assert np.all(np.asarray(g_rows[:, t + 1 :]) == 0)
   assert np.any(np.asarray(g_rows[:, : t + 1]) != 0)
   # Changing a future token leaves the logits at t unchanged.
   future = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % 97)
-  np.testing.assert_array_equal(model.apply(variables, tokens, rows)[0][:, : t + 1],
-                                model.apply(variables, future, rows)[0][:, : t + 1])
+  np.testing.assert_array_equal(
+    model.apply(variables, tokens, rows)[0][:, : t + 1],
+    model.apply(variables, future, rows)[0][:, : t + 1],
+  )
 
 
 def test_engram_changes_the_output(tiny_cfg):
@@ -72,8 +79,7 @@ def test_missing_rows_and_bad_tokens(tiny_cfg):
 
 
 def test_single_stream_dense_model_without_engram():
-  cfg = dataclasses.replace(presets.tiny().model, vocab_size=50, streams=1, moe=None,
-                            engram=None)
+  cfg = dataclasses.replace(presets.tiny().model, vocab_size=50, streams=1, moe=None, engram=None)
   model, variables, tokens, _ = _setup(cfg)
   logits, load = model.apply(variables, tokens)
   chex.assert_shape(logits, (B, T, 50))

@@ -30,32 +30,45 @@ def _losses(path):
 
 def test_two_processes_train_like_one(tmp_path):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   workdir = tmp_path / "multi"
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-m", "experiments.train", "--preset=tiny", f"--workdir={workdir}",
-           f"--steps={STEPS}", f"--batch_size={BATCH}", f"--eval_every={STEPS}",
-           "--memory=sharded", "--mesh=8", f"--coordinator_address=localhost:{port}",
-           "--num_processes=2", f"--process_id={i}"],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--preset=tiny",
+        f"--workdir={workdir}",
+        f"--steps={STEPS}",
+        f"--batch_size={BATCH}",
+        f"--eval_every={STEPS}",
+        "--memory=sharded",
+        "--mesh=8",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   # The reference runs here meanwhile: one process, the test session's 8 devices.
   exp = presets.tiny()
-  exp = dataclasses.replace(exp, train=dataclasses.replace(
-      exp.train, steps=STEPS, batch_size=BATCH, eval_every=STEPS))
-  single = loop.train(exp, tmp_path / "single", progress=False, memory="sharded",
-                      mesh_devices=8)
+  exp = dataclasses.replace(
+    exp, train=dataclasses.replace(exp.train, steps=STEPS, batch_size=BATCH, eval_every=STEPS)
+  )
+  single = loop.train(exp, tmp_path / "single", progress=False, memory="sharded", mesh_devices=8)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out[-3000:]
 
   # Both processes end with the same result; process 0 alone wrote the metrics.
   for out in outputs:
-    printed = json.loads(out[out.rindex("{"):])
+    printed = json.loads(out[out.rindex("{") :])
     np.testing.assert_allclose(printed["val_loss"], single["val_loss"], rtol=1e-5)
   multi, ref = _losses(workdir / "metrics.jsonl"), _losses(tmp_path / "single" / "metrics.jsonl")
   assert [s for s, _ in multi] == [s for s, _ in ref] == [1, 2, 3, 3]

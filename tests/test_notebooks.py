@@ -16,8 +16,9 @@ def test_notebooks_exist():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path):
   nb = nbformat.read(path, as_version=4)
-  NotebookClient(nb, timeout=300, kernel_name="python3",
-                 resources={"metadata": {"path": str(path.parent)}}).execute()
+  NotebookClient(
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+  ).execute()
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
   assert not [o for o in outputs if o.output_type == "error"]
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")

@@ -16,9 +16,14 @@ def test_every_preset_builds_without_allocating(name):
   exp = presets.get(name)
   cfg = exp.model
   tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
-  rows = {} if cfg.engram is None else {
-      layer: jax.ShapeDtypeStruct((1, 16, cfg.engram.num_heads, cfg.engram.head_dim),
-                                  jnp.float32) for layer in cfg.engram.layer_ids}
+  rows = (
+    {}
+    if cfg.engram is None
+    else {
+      layer: jax.ShapeDtypeStruct((1, 16, cfg.engram.num_heads, cfg.engram.head_dim), jnp.float32)
+      for layer in cfg.engram.layer_ids
+    }
+  )
   variables = jax.eval_shape(EngramLM(cfg).init, jax.random.key(0), tokens, rows)
   n = sum(x.size for x in jax.tree.leaves(variables["params"]))
   counts = params.count_params(cfg)
@@ -26,8 +31,9 @@ def test_every_preset_builds_without_allocating(name):
 
 
 def test_paper_sizes():
-  moe, eng27, eng40 = (params.count_params(presets.get(n).model)
-                       for n in ("moe_27b", "engram_27b", "engram_40b"))
+  moe, eng27, eng40 = (
+    params.count_params(presets.get(n).model) for n in ("moe_27b", "engram_27b", "engram_40b")
+  )
   assert 26e9 < moe.total < 28.5e9
   assert abs(eng27.engram_tables - 5.792e9) / 5.792e9 < 1e-3
   assert abs(eng40.engram_tables - 18.534e9) / 18.534e9 < 1e-3

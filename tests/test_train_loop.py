@@ -38,8 +38,10 @@ def _losses(workdir):
 def test_outputs_written(uninterrupted):
   workdir, results = uninterrupted
   assert np.isfinite(results["val_loss"]) and results["tokens_per_sec"] > 0
-  assert results["params"]["p_tot"] + results["params"]["embedding"] + results["params"][
-      "lm_head"] == results["params"]["total"]
+  assert (
+    results["params"]["p_tot"] + results["params"]["embedding"] + results["params"]["lm_head"]
+    == results["params"]["total"]
+  )
   assert sorted(_losses(workdir)) == [1, 2, 3, 4, 5, 6]
   assert (workdir / "loss_curve.png").stat().st_size > 1000
   saved = json.loads((workdir / "results.json").read_text())
@@ -55,11 +57,13 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(corpus, tmp_path, uninte
       signal.raise_signal(signal.SIGTERM)
 
   with pytest.raises(loop.Interrupted, match="step 2"):
-    loop.train(presets.tiny(), tmp_path, corpus_files=(corpus,), progress=False,
-               on_step=stop_at_two)
+    loop.train(
+      presets.tiny(), tmp_path, corpus_files=(corpus,), progress=False, on_step=stop_at_two
+    )
   assert Checkpointer(tmp_path / "checkpoints").steps() == [2]
-  resumed = loop.train(presets.tiny(), tmp_path, corpus_files=(corpus,), progress=False,
-                       resume=True)
+  resumed = loop.train(
+    presets.tiny(), tmp_path, corpus_files=(corpus,), progress=False, resume=True
+  )
   want, got = _losses(full_dir), _losses(tmp_path)
   assert sorted(got) == [1, 2, 3, 4, 5, 6]
   for step in (3, 4, 5, 6):
@@ -89,8 +93,10 @@ def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
   exp = presets.tiny()
   exp = dataclasses.replace(
-      exp, optim=dataclasses.replace(exp.optim, lr=1e30, warmup_steps=3),
-      train=dataclasses.replace(exp.train, steps=20, checkpoint_every=1, eval_every=100))
+    exp,
+    optim=dataclasses.replace(exp.optim, lr=1e30, warmup_steps=3),
+    train=dataclasses.replace(exp.train, steps=20, checkpoint_every=1, eval_every=100),
+  )
   with pytest.raises(loop.TrainingDiverged, match="last good checkpoint"):
     loop.train(exp, tmp_path, corpus_files=(corpus,), progress=False)
   ckpt = Checkpointer(tmp_path / "checkpoints")
@@ -105,11 +111,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
 
 def test_compare_baseline_writes_both(corpus, tmp_path):
   exp = presets.tiny()
-  exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2, eval_every=2,
-                                                           checkpoint_every=2))
+  exp = dataclasses.replace(
+    exp, train=dataclasses.replace(exp.train, steps=2, eval_every=2, checkpoint_every=2)
+  )
   results = compare.train_and_compare(exp, tmp_path, corpus_files=(corpus,), progress=False)
   assert results["val_loss_difference"] == pytest.approx(
-      results["val_loss"] - results["baseline_val_loss"])
+    results["val_loss"] - results["baseline_val_loss"]
+  )
   assert results["baseline"]["params"]["engram_tables"] == 0
   assert (tmp_path / "loss_curves.png").exists()
   assert "MoE baseline" in compare.format_comparison(results)

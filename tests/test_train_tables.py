@@ -23,8 +23,9 @@ def _trainer(placement):
   exp = presets.tiny()
   model = dataclasses.replace(exp.model, vocab_size=101)
   e = model.engram
-  layouts = {layer: TableLayout.from_sizes([211, 223, 227, 229], e.head_dim, 0.02)
-             for layer in e.layer_ids}
+  layouts = {
+    layer: TableLayout.from_sizes([211, 223, 227, 229], e.head_dim, 0.02) for layer in e.layer_ids
+  }
   return Trainer(model, exp.optim, 20, layouts, placement)
 
 
@@ -62,8 +63,9 @@ def test_host_tables_train_like_device_and_stay_on_host(on_device):
   table = state.tables[table_key(1)]
   for x in (table.table, table.opt.mu, table.opt.nu):
     assert x.sharding.memory_kind == "pinned_host"
-  np.testing.assert_allclose(np.asarray(table.table),
-                             np.asarray(ref_state.tables[table_key(1)].table), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(table.table), np.asarray(ref_state.tables[table_key(1)].table), atol=1e-6
+  )
 
 
 def test_sharded_tables_data_parallel_like_one_device(on_device):
@@ -74,8 +76,9 @@ def test_sharded_tables_data_parallel_like_one_device(on_device):
   table = state.tables[table_key(1)].table
   assert len(table.sharding.device_set) == 8
   assert table.addressable_shards[0].data.shape[0] == table.shape[0] // 8
-  np.testing.assert_allclose(np.asarray(table),
-                             np.asarray(ref_state.tables[table_key(1)].table), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(table), np.asarray(ref_state.tables[table_key(1)].table), atol=1e-5
+  )
 
 
 def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device):
@@ -99,8 +102,9 @@ def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device)
   table = state.tables[table_key(1)]
   assert table.table.sharding.memory_kind == "pinned_host"
   cache = state.caches[table_key(1)]
-  np.testing.assert_array_equal(np.asarray(cache.rows),
-                                np.asarray(table.table)[np.asarray(cache.ids)])
+  np.testing.assert_array_equal(
+    np.asarray(cache.rows), np.asarray(table.table)[np.asarray(cache.ids)]
+  )
 
 
 def test_placement_errors():
@@ -127,6 +131,7 @@ def test_checkpoint_moves_between_backends(tmp_path):
     def hook(step):
       if step == n:
         signal.raise_signal(signal.SIGTERM)
+
     return hook
 
   # One run moved across three backends: host for steps 1-2, sharded over 2 devices for 3-4,
@@ -134,8 +139,15 @@ def test_checkpoint_moves_between_backends(tmp_path):
   with pytest.raises(loop.Interrupted):
     loop.train(exp, tmp_path / "moved", memory="host", on_step=stop_at(2), **kw)
   with pytest.raises(loop.Interrupted):
-    loop.train(exp, tmp_path / "moved", memory="sharded", mesh_devices=2, resume=True,
-               on_step=stop_at(4), **kw)
+    loop.train(
+      exp,
+      tmp_path / "moved",
+      memory="sharded",
+      mesh_devices=2,
+      resume=True,
+      on_step=stop_at(4),
+      **kw,
+    )
   loop.train(exp, tmp_path / "moved", memory="tiered", resume=True, **kw)
 
   def losses(d):
@@ -144,5 +156,6 @@ def test_checkpoint_moves_between_backends(tmp_path):
 
   want, got = losses("device"), losses("moved")
   assert sorted(got) == sorted(want)
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5
+  )

@@ -47,8 +47,13 @@ class Generator:
 
   @classmethod
   def from_checkpoint(
-      cls, workdir: str | os.PathLike, preset: str, memory_kind: str = "device",
-      corpus_files=(), tokenizer_file: str | None = None, **memory_options,
+    cls,
+    workdir: str | os.PathLike,
+    preset: str,
+    memory_kind: str = "device",
+    corpus_files=(),
+    tokenizer_file: str | None = None,
+    **memory_options,
   ) -> Generator:
     """Loads the newest checkpoint of a run and puts its tables into `memory_kind` tables.
 
@@ -74,8 +79,9 @@ class Generator:
     tables = {}
     for layer in trainer.layouts:
       rows = np.asarray(state.tables[table_key(layer)].table)
-      tables[layer] = memory.create(memory_kind, num_rows=rows.shape[0], dim=rows.shape[1],
-                                    rows=rows, **memory_options)
+      tables[layer] = memory.create(
+        memory_kind, num_rows=rows.shape[0], dim=rows.shape[1], rows=rows, **memory_options
+      )
     return cls(trainer, state.params, state.balance, tables, pipeline)
 
   def __post_init__(self):
@@ -98,11 +104,13 @@ class Generator:
       for layer, layout in self.trainer.layouts.items():
         row_ids = hash_ids[layer] + layout.offsets  # [1, Tp, H]
         rows[layer] = jnp.asarray(self.tables[layer].fetch(row_ids))  # [1, Tp, H, Dh]
-    return np.asarray(self._logits(self.params, self.balance, jnp.asarray(tokens, jnp.int32),
-                                   rows, t - 1))
+    return np.asarray(
+      self._logits(self.params, self.balance, jnp.asarray(tokens, jnp.int32), rows, t - 1)
+    )
 
-  def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-               seed: int = 0) -> str:
+  def generate(
+    self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0
+  ) -> str:
     """Continues `prompt`: greedy for temperature 0, else sampled.
 
     Raises:
@@ -125,4 +133,4 @@ class Generator:
       out.append(nxt)
       if nxt == self.pipeline.special_ids.eos:
         break
-    return self.pipeline.tokenizer.decode(out[len(ids):])
+    return self.pipeline.tokenizer.decode(out[len(ids) :])

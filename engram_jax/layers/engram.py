@@ -30,14 +30,14 @@ def check_engram_inputs(hidden_shape, rows_shape) -> None:
   """Raises ValueError unless hidden [B, T, M, D] / [B, T, D] and rows [B, T, H, Dh] agree."""
   if len(hidden_shape) not in (3, 4):
     raise ValueError(
-        f"hidden: expected [B, T, M, D] (or [B, T, D] for M = 1), got shape {tuple(hidden_shape)}"
+      f"hidden: expected [B, T, M, D] (or [B, T, D] for M = 1), got shape {tuple(hidden_shape)}"
     )
   if len(rows_shape) != 4:
     raise ValueError(f"rows: expected [B, T, H, Dh], got shape {tuple(rows_shape)}")
   if tuple(hidden_shape[:2]) != tuple(rows_shape[:2]):
     raise ValueError(
-        f"rows: expected the same [B, T] as hidden {tuple(hidden_shape[:2])}, "
-        f"got {tuple(rows_shape[:2])}"
+      f"rows: expected the same [B, T] as hidden {tuple(hidden_shape[:2])}, "
+      f"got {tuple(rows_shape[:2])}"
     )
 
 
@@ -105,20 +105,21 @@ class Engram(nn.Module):
     e = rows.reshape(b, t, dm).astype(self.dtype)  # [B, T, H, Dh] -> [B, T, Dm]
 
     kernel = self.param(
-        "kv_kernel",
-        nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                             out_axis=(1, 2)),
-            ("engram_memory", "engram_kv", "embed"),
+      "kv_kernel",
+      nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(
+          1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2)
         ),
-        (dm, m + 1, d),
-        self.param_dtype,
+        ("engram_memory", "engram_kv", "embed"),
+      ),
+      (dm, m + 1, d),
+      self.param_dtype,
     )
     bias = self.param(
-        "kv_bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, ("engram_kv", "embed")),
-        (m + 1, d),
-        self.param_dtype,
+      "kv_bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("engram_kv", "embed")),
+      (m + 1, d),
+      self.param_dtype,
     )
     # [B, T, Dm] x [Dm, M+1, D] -> [B, T, M+1, D]: M keys and the shared value in one matmul.
     kv = jnp.einsum("btc,cjd->btjd", e, kernel.astype(self.dtype))
@@ -127,10 +128,10 @@ class Engram(nn.Module):
 
     def branch_scale(name):
       return self.param(
-          name,
-          nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
-          (m, d),
-          self.param_dtype,
+        name,
+        nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
+        (m, d),
+        self.param_dtype,
       )
 
     k = rms_norm(key.astype(jnp.float32), branch_scale("key_norm"), self.qk_eps)
@@ -144,16 +145,16 @@ class Engram(nn.Module):
     u = gate[..., None] * value[:, :, None, :].astype(jnp.float32)
     un = rms_norm(u, branch_scale("conv_norm"), self.conv_eps)
     conv_kernel = self.param(
-        "conv_kernel",
-        nn.with_logical_partitioning(nn.initializers.zeros, ("conv_taps", "engram_channels")),
-        (self.kernel_size, m * d),
-        self.param_dtype,
+      "conv_kernel",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("conv_taps", "engram_channels")),
+      (self.kernel_size, m * d),
+      self.param_dtype,
     )
     # [B, T, M, D] -> [B, T, C]: branches side by side as channels.
     y = causal_depthwise_conv(
-        un.reshape(b, t, m * d).astype(self.dtype),
-        conv_kernel.astype(self.dtype),
-        self.max_ngram_size,
+      un.reshape(b, t, m * d).astype(self.dtype),
+      conv_kernel.astype(self.dtype),
+      self.max_ngram_size,
     )
     y = jax.nn.silu(y.astype(jnp.float32)).reshape(b, t, m, d)  # [B, T, C] -> [B, T, M, D]
     out = u + y

@@ -39,10 +39,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """[..., D] -> [..., D]."""
     scale = self.param(
-        "scale",
-        nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-        (x.shape[-1],),
-        self.param_dtype,
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+      (x.shape[-1],),
+      self.param_dtype,
     )
     y = rms_norm(x, scale, self.eps)
     return y.astype(self.dtype) if self.dtype is not None else y

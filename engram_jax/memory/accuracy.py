@@ -48,8 +48,9 @@ def _restore(workdir: Path, exp, corpus_files, tokenizer_file):
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(
-        f"no checkpoint in {ckpt_dir} restores as preset {exp.name!r} with this corpus and "
-        f"tokenizer{hint}")
+      f"no checkpoint in {ckpt_dir} restores as preset {exp.name!r} with this corpus and "
+      f"tokenizer{hint}"
+    )
   step, tree, _, _ = restored
   state = from_checkpoint_tree(tree)
   return step, state, pipeline, trainer

@@ -38,8 +38,8 @@ class TableLayout:
       raise ValueError(f"dim: expected an int >= 1, got {self.dim!r}")
     if self.num_rows >= 2**31:
       raise ValueError(
-          f"sizes: expected fewer than 2**31 rows in one layer's table (int32 row ids), "
-          f"got {self.num_rows}"
+        f"sizes: expected fewer than 2**31 rows in one layer's table (int32 row ids), "
+        f"got {self.num_rows}"
       )
 
   @classmethod
@@ -71,8 +71,7 @@ class TableLayout:
     """Raises ValueError unless the last axis of `ids` has one entry per head."""
     if ids.ndim < 1 or ids.shape[-1] != self.num_heads:
       raise ValueError(
-          f"hash ids: expected shape [..., H] with H = {self.num_heads} heads, "
-          f"got {tuple(ids.shape)}"
+        f"hash ids: expected shape [..., H] with H = {self.num_heads} heads, got {tuple(ids.shape)}"
       )
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"hash ids: expected an integer array, got dtype {ids.dtype}")

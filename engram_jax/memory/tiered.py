@@ -10,8 +10,8 @@ NumPy memmap for tables larger than RAM (the OS page cache is then the host leve
 
 Object use, two-stage (what `TieredTable` does): outside jit, `rows = table.fetch(ids)` looks up
 each id's cache slot on the host, gathers only the distinct missed rows from the tier below, and
-one jitted call combines the cache rows with the transferred misses; `apply_gradients` updates the host
-table and writes the new values of cached rows through to the cache.
+one jitted call combines the cache rows with the transferred misses; `apply_gradients` updates the
+host table and writes the new values of cached rows through to the cache.
 
 Pure-functional core, for one jitted step (the cache contents change only between steps):
 
@@ -281,7 +281,10 @@ class TieredTable(base.MemoryTable):
       padded_src[:m] = src
       miss_rows = self._lower_rows(miss_ids)  # [bucket(U), Dh]
       rows = _combine(
-        self.cache, jnp.asarray(slots), jnp.asarray(padded_pos), miss_rows,
+        self.cache,
+        jnp.asarray(slots),
+        jnp.asarray(padded_pos),
+        miss_rows,
         jnp.asarray(padded_src),
       )
       rows = rows.reshape(*np.shape(ids), self.dim)  # [N, Dh] -> [..., Dh]

@@ -28,11 +28,11 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
     self.directory = os.path.abspath(os.fspath(directory))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max(2, max_to_keep), create=True, enable_async_checkpointing=False
-        ),
-        item_names=("state", "data", "config"),
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max(2, max_to_keep), create=True, enable_async_checkpointing=False
+      ),
+      item_names=("state", "data", "config"),
     )
 
   def steps(self) -> list[int]:
@@ -43,13 +43,13 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
     """Writes one checkpoint and waits until it is on disk."""
     self._manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config),
-        ),
-        force=True,
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config),
+      ),
+      force=True,
     )
     self._manager.wait_until_finished()
 
@@ -66,17 +66,22 @@ class Checkpointer:
     for step in reversed(self.steps()):
       try:
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+          ),
         )
         jax.block_until_ready(restored["state"])
       except Exception as e:  # orbax raises many types for unreadable or partial files.
-        logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying an "
-                        "earlier one", step, self.directory, type(e).__name__, e)
+        logging.warning(
+          "checkpoint at step %d in %s is unreadable (%s: %s); trying an earlier one",
+          step,
+          self.directory,
+          type(e).__name__,
+          e,
+        )
         continue
       return step, restored["state"], restored["data"], restored["config"]
     return None

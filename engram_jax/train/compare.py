@@ -14,15 +14,15 @@ from engram_jax.train import loop, plots
 
 
 def train_and_compare(
-    exp: ExperimentConfig,
-    workdir: str | Path,
-    *,
-    corpus_files=(),
-    tokenizer_file: str | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    memory: str = "device",
-    mesh_devices: int = 1,
+  exp: ExperimentConfig,
+  workdir: str | Path,
+  *,
+  corpus_files=(),
+  tokenizer_file: str | None = None,
+  resume: bool = False,
+  progress: bool = True,
+  memory: str = "device",
+  mesh_devices: int = 1,
 ) -> dict:
   """Trains `exp` in `workdir/engram` and its baseline in `workdir/baseline`.
 
@@ -35,8 +35,15 @@ def train_and_compare(
   baseline = presets.baseline_of(exp)
   # Encode the corpus once: both runs see exactly the same token stream and batches.
   tokens = encode_corpus(loop.data_config(exp, corpus_files, tokenizer_file))
-  common = dict(corpus_files=corpus_files, tokenizer_file=tokenizer_file, resume=resume,
-                tokens=tokens, progress=progress, memory=memory, mesh_devices=mesh_devices)
+  common = dict(
+    corpus_files=corpus_files,
+    tokenizer_file=tokenizer_file,
+    resume=resume,
+    tokens=tokens,
+    progress=progress,
+    memory=memory,
+    mesh_devices=mesh_devices,
+  )
   ours = loop.train(exp, workdir / "engram", label=exp.name, **common)
   theirs = loop.train(baseline, workdir / "baseline", label=baseline.name, **common)
   results = dict(ours)
@@ -47,10 +54,12 @@ def train_and_compare(
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plots.compare_curves(
-        {exp.name: workdir / "engram" / "metrics.jsonl",
-         baseline.name: workdir / "baseline" / "metrics.jsonl"},
-        workdir / "loss_curves.png",
-        title=f"{exp.name} vs iso-parameter MoE baseline",
+      {
+        exp.name: workdir / "engram" / "metrics.jsonl",
+        baseline.name: workdir / "baseline" / "metrics.jsonl",
+      },
+      workdir / "loss_curves.png",
+      title=f"{exp.name} vs iso-parameter MoE baseline",
     )
   return results
 
@@ -60,12 +69,12 @@ def format_comparison(results: dict) -> str:
   base = results["baseline"]
   p, pb = results["params"], base["params"]
   rows = [
-      f"{'':<22}{'Engram':>14}{'MoE baseline':>16}",
-      f"{'validation loss':<22}{results['val_loss']:>14.4f}{base['val_loss']:>16.4f}",
-      f"{'P_tot':<22}{p['p_tot']:>14,}{pb['p_tot']:>16,}",
-      f"{'P_act':<22}{p['p_act']:>14,}{pb['p_act']:>16,}",
-      f"{'tokens/s':<22}{results['tokens_per_sec'] or 0:>14,.0f}"
-      f"{base['tokens_per_sec'] or 0:>16,.0f}",
-      f"difference (Engram - baseline): {results['val_loss_difference']:+.4f} nats/token",
+    f"{'':<22}{'Engram':>14}{'MoE baseline':>16}",
+    f"{'validation loss':<22}{results['val_loss']:>14.4f}{base['val_loss']:>16.4f}",
+    f"{'P_tot':<22}{p['p_tot']:>14,}{pb['p_tot']:>16,}",
+    f"{'P_act':<22}{p['p_act']:>14,}{pb['p_act']:>16,}",
+    f"{'tokens/s':<22}{results['tokens_per_sec'] or 0:>14,.0f}"
+    f"{base['tokens_per_sec'] or 0:>16,.0f}",
+    f"difference (Engram - baseline): {results['val_loss_difference']:+.4f} nats/token",
   ]
   return "\n".join(rows)

@@ -64,18 +64,19 @@ def engram_hashing(model_cfg, tokenizer) -> tuple[Callable | None, dict[int, Tab
     return hasher.hash_all(compressor(tokens))
 
   layouts = {
-      layer: TableLayout.from_sizes(hasher.table_sizes(layer), engram.head_dim,
-                                    model_cfg.engram_init_std)
-      for layer in engram.layer_ids
+    layer: TableLayout.from_sizes(
+      hasher.table_sizes(layer), engram.head_dim, model_cfg.engram_init_std
+    )
+    for layer in engram.layer_ids
   }
   return hash_fn, layouts
 
 
 def build_trainer(
-    exp: ExperimentConfig,
-    data_cfg: DataConfig,
-    tokens: np.ndarray | None = None,
-    placement: tables_lib.Placement | None = None,
+  exp: ExperimentConfig,
+  data_cfg: DataConfig,
+  tokens: np.ndarray | None = None,
+  placement: tables_lib.Placement | None = None,
 ):
   """The data pipeline and the trainer of one experiment (the model's vocabulary is set to the
   tokenizer's; the tables are placed by `placement`, default one device)."""
@@ -85,8 +86,10 @@ def build_trainer(
   pipeline = build_pipeline(data_cfg, hash_fn, tokens=tokens)
   placement = placement or tables_lib.Placement()
   if exp.train.batch_size % placement.shards:
-    raise ValueError(f"batch_size: expected a multiple of the mesh size {placement.shards}, "
-                     f"got {exp.train.batch_size}")
+    raise ValueError(
+      f"batch_size: expected a multiple of the mesh size {placement.shards}, "
+      f"got {exp.train.batch_size}"
+    )
   trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts, placement)
   return pipeline, trainer
 
@@ -94,9 +97,13 @@ def build_trainer(
 def data_config(exp: ExperimentConfig, corpus_files=(), tokenizer_file=None) -> DataConfig:
   t = exp.train
   return DataConfig(
-      corpus_files=tuple(corpus_files), tokenizer_file=tokenizer_file, seq_len=t.seq_len,
-      batch_size=t.batch_size, val_fraction=t.val_fraction, val_batches=t.eval_batches,
-      seed=t.seed,
+    corpus_files=tuple(corpus_files),
+    tokenizer_file=tokenizer_file,
+    seq_len=t.seq_len,
+    batch_size=t.batch_size,
+    val_fraction=t.val_fraction,
+    val_batches=t.eval_batches,
+    seed=t.seed,
   )
 
 
@@ -132,8 +139,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
   """Drops records after `step` (written after the checkpoint a resumed run restarts from)."""
   if not path.exists():
     return
-  keep = [line for line in path.read_text().splitlines()
-          if line.strip() and json.loads(line)["step"] <= step]
+  keep = [
+    line
+    for line in path.read_text().splitlines()
+    if line.strip() and json.loads(line)["step"] <= step
+  ]
   path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -144,23 +154,25 @@ def evaluate(eval_step, state, pipeline, trainer: Trainer) -> dict:
     m = eval_step(state, trainer.shard_batch(batch))
     losses.append(m["loss"])
     gates.append(m["engram_gate"])
-  return {"val_loss": float(np.mean(jax.device_get(losses))),
-          "val_engram_gate": float(np.mean(jax.device_get(gates)))}
+  return {
+    "val_loss": float(np.mean(jax.device_get(losses))),
+    "val_engram_gate": float(np.mean(jax.device_get(gates))),
+  }
 
 
 def train(
-    exp: ExperimentConfig,
-    workdir: str | os.PathLike,
-    *,
-    corpus_files=(),
-    tokenizer_file: str | None = None,
-    resume: bool = False,
-    tokens: np.ndarray | None = None,
-    progress: bool = True,
-    label: str = "train",
-    on_step: Callable[[int], None] | None = None,
-    memory: str = "device",
-    mesh_devices: int = 1,
+  exp: ExperimentConfig,
+  workdir: str | os.PathLike,
+  *,
+  corpus_files=(),
+  tokenizer_file: str | None = None,
+  resume: bool = False,
+  tokens: np.ndarray | None = None,
+  progress: bool = True,
+  label: str = "train",
+  on_step: Callable[[int], None] | None = None,
+  memory: str = "device",
+  mesh_devices: int = 1,
 ) -> dict:
   """Trains one experiment and returns its results (also written to `workdir/results.json`).
 
@@ -197,9 +209,14 @@ def train(
   key = jax.random.key(t.seed)
   ckpt = Checkpointer(workdir / "checkpoints")
   metrics_path = workdir / "metrics.jsonl"
-  config_record = {"experiment": exp.name, "memory": memory, "mesh_devices": mesh_devices,
-                   "model": repr(trainer.model_cfg),
-                   "optim": repr(exp.optim), "train": repr(t)}
+  config_record = {
+    "experiment": exp.name,
+    "memory": memory,
+    "mesh_devices": mesh_devices,
+    "model": repr(trainer.model_cfg),
+    "optim": repr(exp.optim),
+    "train": repr(t),
+  }
 
   data_iter = iter(pipeline.train)
 
@@ -209,8 +226,7 @@ def train(
 
   restored = None
   if resume:
-    restored = ckpt.restore_latest(checkpoint_tree(trainer.abstract_state(t.batch_size,
-                                                                          t.seq_len)))
+    restored = ckpt.restore_latest(checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len)))
   if restored is not None:
     start, tree, data_state, _ = restored
     # orbax restores into the target shardings but not always into their memory kind.
@@ -225,31 +241,38 @@ def train(
       metrics_path.unlink()
   if memory == "tiered":
     # Which rows the cache holds: the most read in the first batches of the data.
-    state = trainer.calibrate(state, itertools.islice(iter(pipeline.train),
-                                                     tables_lib.CALIBRATION_BATCHES))
+    state = trainer.calibrate(
+      state, itertools.islice(iter(pipeline.train), tables_lib.CALIBRATION_BATCHES)
+    )
 
   counts = params_lib.count_params(trainer.model_cfg, t.seq_len)
   tokens_per_step = t.batch_size * t.seq_len
   last_eval = None
   timed_tokens, timed_seconds = 0, 0.0
   pending: tuple[int, dict] | None = None
-  bar = tqdm.tqdm(total=t.steps, initial=start, desc=label, disable=not (progress and primary),
-                  dynamic_ncols=True)
+  bar = tqdm.tqdm(
+    total=t.steps, initial=start, desc=label, disable=not (progress and primary), dynamic_ncols=True
+  )
 
   def flush(step_metrics: tuple[int, dict], tok_s: float) -> None:
     step, m = step_metrics
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
       raise TrainingDiverged(
-          f"loss became {m['loss']} (grad norm {m['grad_norm']}, parameter norm "
-          f"{m['param_norm']}) at step {step}; stopped. "
-          f"The last good checkpoint in {ckpt.directory} is kept (steps {ckpt.steps()})."
+        f"loss became {m['loss']} (grad norm {m['grad_norm']}, parameter norm "
+        f"{m['param_norm']}) at step {step}; stopped. "
+        f"The last good checkpoint in {ckpt.directory} is kept (steps {ckpt.steps()})."
       )
     if primary and (step % t.log_every == 0 or step == t.steps):
       _append_jsonl(metrics_path, {"step": step, **m, "tokens_per_sec": tok_s})
-    bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", tok_s=f"{tok_s:,.0f}",
-                    max_load=f"{m['max_load']:.2f}", gate=f"{m['engram_gate']:.3f}",
-                    refresh=False)
+    bar.set_postfix(
+      loss=f"{m['loss']:.3f}",
+      lr=f"{m['lr']:.2e}",
+      tok_s=f"{tok_s:,.0f}",
+      max_load=f"{m['max_load']:.2f}",
+      gate=f"{m['engram_gate']:.3f}",
+      refresh=False,
+    )
 
   with _SignalGuard() as guard:
     step = start
@@ -261,8 +284,10 @@ def train(
         if step not in ckpt.steps():  # the regular checkpoint may have just saved it
           save(step, state)
         bar.close()
-        raise Interrupted(f"signal {guard.received}: saved a checkpoint at step {step} in "
-                          f"{ckpt.directory}; rerun with resume to continue")
+        raise Interrupted(
+          f"signal {guard.received}: saved a checkpoint at step {step} in "
+          f"{ckpt.directory}; rerun with resume to continue"
+        )
       tic = time.perf_counter()
       batch = trainer.shard_batch(next(batches))
       state, metrics = train_step(state, batch)
@@ -295,12 +320,12 @@ def train(
   if last_eval is None:
     last_eval = evaluate(eval_step, state, pipeline, trainer)
   results = {
-      "experiment": exp.name,
-      "steps": t.steps,
-      "val_loss": last_eval["val_loss"],
-      "val_engram_gate": last_eval["val_engram_gate"],
-      "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
-      "params": dataclasses.asdict(counts),
+    "experiment": exp.name,
+    "steps": t.steps,
+    "val_loss": last_eval["val_loss"],
+    "val_engram_gate": last_eval["val_engram_gate"],
+    "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
+    "params": dataclasses.asdict(counts),
   }
   if primary:
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -34,16 +34,16 @@ def compare_curves(runs: Mapping[str, str | Path], out: str | Path, title: str =
   """
   curves = {name: read_metrics(path) for name, path in runs.items()}
   two = len(curves) == 2
-  fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 7, 4.5), dpi=110,
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, 2 if two else 1, figsize=(11 if two else 7, 4.5), dpi=110, squeeze=False
+  )
   ax = axes[0, 0]
   for i, (name, (train, val)) in enumerate(curves.items()):
     color = f"C{i}"
     if train:
       ax.plot(*zip(*train, strict=True), color=color, alpha=0.55, lw=1, label=f"{name} train")
     if val:
-      ax.plot(*zip(*val, strict=True), color=color, marker="o", lw=2,
-              label=f"{name} validation")
+      ax.plot(*zip(*val, strict=True), color=color, marker="o", lw=2, label=f"{name} validation")
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy (nats / token)")
   ax.set_title(title)
@@ -56,8 +56,12 @@ def compare_curves(runs: Mapping[str, str | Path], out: str | Path, title: str =
     diff = [v - b_at[s] for s, v in a_val if s in b_at]
     ax2 = axes[0, 1]
     ax2.axhline(0, color="grey", lw=1)
-    ax2.bar(steps, diff, width=(steps[1] - steps[0]) * 0.6 if len(steps) > 1 else 1,
-            color=["C2" if d < 0 else "C3" for d in diff])
+    ax2.bar(
+      steps,
+      diff,
+      width=(steps[1] - steps[0]) * 0.6 if len(steps) > 1 else 1,
+      color=["C2" if d < 0 else "C3" for d in diff],
+    )
     ax2.set_xlabel("step")
     ax2.set_ylabel("validation loss difference (nats / token)")
     ax2.set_title(f"{a_name} minus {b_name}\n(below 0: {a_name} better)", fontsize=10)

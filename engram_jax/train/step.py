@@ -58,8 +58,13 @@ class TrainState:
 
 def checkpoint_tree(state: TrainState) -> dict:
   """What a checkpoint holds of a state: every field but the derived tiered caches."""
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-          "balance": state.balance, "tables": state.tables}
+  return {
+    "step": state.step,
+    "params": state.params,
+    "opt_state": state.opt_state,
+    "balance": state.balance,
+    "tables": state.tables,
+  }
 
 
 def from_checkpoint_tree(tree: dict) -> TrainState:
@@ -93,10 +98,11 @@ class Trainer:
     """A zero batch of the right shapes (for initialisation and shape inference)."""
     b, t = batch_size, seq_len
     return {
-        "tokens": jnp.zeros((b, t), jnp.int32),
-        "targets": jnp.zeros((b, t), jnp.int32),
-        "hash_ids": {layer: jnp.zeros((b, t, lay.num_heads), jnp.int32)
-                     for layer, lay in self.layouts.items()},
+      "tokens": jnp.zeros((b, t), jnp.int32),
+      "targets": jnp.zeros((b, t), jnp.int32),
+      "hash_ids": {
+        layer: jnp.zeros((b, t, lay.num_heads), jnp.int32) for layer, lay in self.layouts.items()
+      },
     }
 
   def _backbone_tx(self, params) -> optax.GradientTransformation:
@@ -107,20 +113,22 @@ class Trainer:
     `place` then moves it where the placement says."""
     k_model, k_tables = jax.random.split(key)
     batch = self.dummy_batch(batch_size, seq_len)
-    rows = {layer: jnp.zeros((batch_size, seq_len, lay.num_heads, lay.dim))
-            for layer, lay in self.layouts.items()}
+    rows = {
+      layer: jnp.zeros((batch_size, seq_len, lay.num_heads, lay.dim))
+      for layer, lay in self.layouts.items()
+    }
     variables = nn.unbox(self.model.init(k_model, batch["tokens"], rows))
     params = variables["params"]
     tables = {
-        table_key(layer): tables_lib.init_state(layout.init(jax.random.fold_in(k_tables, i)))
-        for i, (layer, layout) in enumerate(sorted(self.layouts.items()))
+      table_key(layer): tables_lib.init_state(layout.init(jax.random.fold_in(k_tables, i)))
+      for i, (layer, layout) in enumerate(sorted(self.layouts.items()))
     }
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=self._backbone_tx(params).init(params),
-        balance=variables.get("balance", {}),
-        tables=tables,
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self._backbone_tx(params).init(params),
+      balance=variables.get("balance", {}),
+      tables=tables,
     )
 
   def shardings(self, state: TrainState) -> TrainState:
@@ -132,15 +140,19 @@ class Trainer:
 
   def place(self, state: TrainState) -> TrainState:
     """Moves a state (fresh or restored) to its placement."""
-    placed = jax.tree.map(jax.device_put, state.replace(tables={}),
-                          self.shardings(state.replace(tables={})))
+    placed = jax.tree.map(
+      jax.device_put, state.replace(tables={}), self.shardings(state.replace(tables={}))
+    )
     return placed.replace(tables={k: self.placement.place(v) for k, v in state.tables.items()})
 
   def abstract_state(self, batch_size: int, seq_len: int) -> TrainState:
     """Shapes, dtypes and target shardings of the state, without allocating it."""
     shapes = jax.eval_shape(lambda k: self.init(k, batch_size, seq_len), jax.random.key(0))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, self.shardings(shapes))
+    return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes,
+      self.shardings(shapes),
+    )
 
   def shard_batch(self, batch: Batch) -> Batch:
     """Puts a host batch on the devices, split over the data axis when there is a mesh."""
@@ -156,22 +168,27 @@ class Trainer:
     for layer, layout in self.layouts.items():
       ids = [np.asarray(b["hash_ids"][layer]) + layout.offsets for b in batches]  # [B, T, H]
       caches[table_key(layer)] = tables_lib.calibrate(
-          state.tables[table_key(layer)], ids, self.placement.cache_fraction)
+        state.tables[table_key(layer)], ids, self.placement.cache_fraction
+      )
     return state.replace(caches=caches)
 
   def fetch_rows(self, state: TrainState, hash_ids: dict) -> dict[int, jax.Array]:
     """{layer: [B, T, H, Dh]} rows of every Engram layer."""
     return {
-        layer: self.placement.lookup(state.tables[table_key(layer)],
-                                     layout.row_ids(hash_ids[layer]),
-                                     state.caches.get(table_key(layer)))
-        for layer, layout in self.layouts.items()
+      layer: self.placement.lookup(
+        state.tables[table_key(layer)],
+        layout.row_ids(hash_ids[layer]),
+        state.caches.get(table_key(layer)),
+      )
+      for layer, layout in self.layouts.items()
     }
 
   def _forward(self, params, balance, rows, batch):
     (logits, load), state = self.model.apply(
-        {"params": params, "balance": balance}, batch["tokens"], rows,
-        mutable=["intermediates"],
+      {"params": params, "balance": balance},
+      batch["tokens"],
+      rows,
+      mutable=["intermediates"],
     )
     # [B, T, V] with [B, T] targets -> scalar
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
@@ -183,9 +200,7 @@ class Trainer:
     """One optimizer step; pure (jit with `donate_argnums=0`)."""
     rows = self.fetch_rows(state, batch["hash_ids"])
     grad_fn = jax.value_and_grad(self._forward, argnums=(0, 2), has_aux=True)
-    (loss, (load, gate)), (g_params, g_rows) = grad_fn(
-        state.params, state.balance, rows, batch
-    )
+    (loss, (load, gate)), (g_params, g_rows) = grad_fn(state.params, state.balance, rows, batch)
     tx = self._backbone_tx(state.params)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -196,8 +211,12 @@ class Trainer:
     for layer, layout in self.layouts.items():
       key = table_key(layer)
       new = self.placement.update(
-          state.tables[key], layout.row_ids(batch["hash_ids"][layer]), g_rows[layer],
-          table_lr, self.optim_cfg, state.caches.get(key),
+        state.tables[key],
+        layout.row_ids(batch["hash_ids"][layer]),
+        g_rows[layer],
+        table_lr,
+        self.optim_cfg,
+        state.caches.get(key),
       )
       if self.placement.kind == "tiered":  # (table state, cache written through)
         tables[key], caches[key] = new
@@ -206,19 +225,24 @@ class Trainer:
 
     balance = self._rebalance(state.balance, load)
     metrics = {
-        "loss": loss,
-        "lr": lr,
-        "grad_norm": optax.tree.norm(g_params),
-        # Of the updated parameters: a checkpoint is written only while this stays finite.
-        "param_norm": optax.tree.norm(params),
-        "engram_gate": gate,
-        # max load / mean load over experts, averaged over MoE layers: 1.0 is perfect balance.
-        "max_load": (jnp.mean(jnp.max(load, axis=-1) * load.shape[-1])
-                     if load.size else jnp.float32(1.0)),
+      "loss": loss,
+      "lr": lr,
+      "grad_norm": optax.tree.norm(g_params),
+      # Of the updated parameters: a checkpoint is written only while this stays finite.
+      "param_norm": optax.tree.norm(params),
+      "engram_gate": gate,
+      # max load / mean load over experts, averaged over MoE layers: 1.0 is perfect balance.
+      "max_load": (
+        jnp.mean(jnp.max(load, axis=-1) * load.shape[-1]) if load.size else jnp.float32(1.0)
+      ),
     }
     new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, balance=balance,
-        tables=tables, caches=caches,
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      balance=balance,
+      tables=tables,
+      caches=caches,
     )
     return new_state, metrics
 

@@ -53,13 +53,17 @@ def make_mesh(num_devices: int) -> Mesh | None:
   """
   available = jax.device_count()
   if num_devices < 1 or num_devices > available:
-    raise ValueError(f"mesh: expected 1..{available} devices (jax.device_count()), "
-                     f"got {num_devices}")
+    raise ValueError(
+      f"mesh: expected 1..{available} devices (jax.device_count()), got {num_devices}"
+    )
   if num_devices == 1:
     return None
-  return jax.make_mesh((num_devices,), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:num_devices])
+  return jax.make_mesh(
+    (num_devices,),
+    (DATA_AXIS,),
+    axis_types=(jax.sharding.AxisType.Auto,),
+    devices=jax.devices()[:num_devices],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +83,14 @@ class Placement:
     if self.kind not in KINDS:
       raise ValueError(f"memory: expected one of {KINDS}, got {self.kind!r}")
     if not 0 < self.cache_fraction <= 1:
-      raise ValueError(f"cache_fraction: expected a fraction in (0, 1], got "
-                       f"{self.cache_fraction}")
+      raise ValueError(f"cache_fraction: expected a fraction in (0, 1], got {self.cache_fraction}")
     if self.kind == "sharded" and self.mesh is None:
       raise ValueError("memory='sharded': expected a mesh of several devices (--mesh > 1)")
     if self.kind in ("host", "tiered") and self.mesh is not None:
-      raise ValueError(f"memory={self.kind!r}: expected one device (no --mesh); use "
-                       "'sharded' to spread a table over several devices")
+      raise ValueError(
+        f"memory={self.kind!r}: expected one device (no --mesh); use "
+        "'sharded' to spread a table over several devices"
+      )
 
   @property
   def shards(self) -> int:
@@ -115,7 +120,8 @@ class Placement:
     t = self.table_sharding()
     count = self.replicated()
     return jax.tree.map(lambda _: t, state)._replace(
-        opt=state.opt._replace(mu=t, nu=t, count=count))
+      opt=state.opt._replace(mu=t, nu=t, count=count)
+    )
 
   def place(self, state: base.TableState) -> base.TableState:
     """Moves a table state (anywhere) to this placement."""
@@ -125,9 +131,11 @@ class Placement:
       # in its aval; an explicit put to the host space fixes what jit sees.
       host_space = jax.memory.Space.Host
       placed = placed._replace(
-          table=jax.device_put(placed.table, host_space),
-          opt=placed.opt._replace(mu=jax.device_put(placed.opt.mu, host_space),
-                                  nu=jax.device_put(placed.opt.nu, host_space)))
+        table=jax.device_put(placed.table, host_space),
+        opt=placed.opt._replace(
+          mu=jax.device_put(placed.opt.mu, host_space), nu=jax.device_put(placed.opt.nu, host_space)
+        ),
+      )
     return placed
 
   def _spec(self, state: base.TableState) -> sharded.ShardSpec:
@@ -143,8 +151,9 @@ class Placement:
       return sharded.lookup(state, ids, self._spec(state))
     return device.lookup(state, ids)
 
-  def update(self, state: base.TableState, ids, grads, lr, cfg: OptimConfig,
-             cache: TableCache | None = None):
+  def update(
+    self, state: base.TableState, ids, grads, lr, cfg: OptimConfig, cache: TableCache | None = None
+  ):
     """Lazy Adam on the rows the step read (inside the jitted step).
 
     Returns:
@@ -152,8 +161,10 @@ class Placement:
     """
     if self.kind == "tiered":
       new = tiered.update(_tiered(state, cache), ids, grads, lr, cfg)
-      return (base.TableState(new.lower.table, new.lower.opt),
-              TableCache(new.cache, new.cached_ids))
+      return (
+        base.TableState(new.lower.table, new.lower.opt),
+        TableCache(new.cache, new.cached_ids),
+      )
     if self.kind == "host":
       new = host.update(host.HostState(state.table, None, state.opt), ids, grads, lr, cfg)
       return base.TableState(new.table, new.opt)
@@ -192,10 +203,12 @@ def calibrate(state: base.TableState, id_batches, fraction: float) -> TableCache
   c = max(1, round(fraction * rows))
   ids = np.sort(np.argsort(-counts, kind="stable")[:c]).astype(np.int32)  # [C]
   host_state = host.HostState(state.table, None, state.opt)
-  cached = jax.jit(host.lookup, static_argnames="dtype")(host_state, jnp.asarray(ids),
-                                                          dtype=state.table.dtype)
-  return TableCache(jax.device_put(cached, jax.devices()[0]),
-                    jax.device_put(jnp.asarray(ids), jax.devices()[0]))
+  cached = jax.jit(host.lookup, static_argnames="dtype")(
+    host_state, jnp.asarray(ids), dtype=state.table.dtype
+  )
+  return TableCache(
+    jax.device_put(cached, jax.devices()[0]), jax.device_put(jnp.asarray(ids), jax.devices()[0])
+  )
 
 
 def init_state(table: jax.Array) -> base.TableState:
