@@ -18,7 +18,7 @@ def _zipf(rng, shape, a=1.2):
   return ((rng.zipf(a, size=shape) - 1) * 7919 % R).astype(np.int32)
 
 
-@pytest.mark.parametrize("policy", ["lfu", "static"])
+@pytest.mark.parametrize("policy", ["lfu", "lru", "static"])
 def test_rows_and_training_equal_the_device_backend(policy):
   rows = base.init_rows(R, DH, 0)
   ref = memory.create("device", num_rows=R, dim=DH, rows=rows)
@@ -62,6 +62,21 @@ def test_transfer_path_moves_each_missed_row_once():
   for _ in range(3):
     ids = _zipf(rng, (16, 5))
     np.testing.assert_array_equal(table.fetch(ids), ref.fetch(ids))
+
+
+def test_lru_keeps_the_rows_used_last():
+  table = memory.create(
+    "tiered", num_rows=R, dim=DH, seed=1, cache_rows=2, policy="lru", refresh_every=1
+  )
+  table.fetch(np.array([5, 6, 5, 5]))  # 5 is the most frequent ...
+  table.fetch(np.array([6, 7]))  # ... but 6 and 7 were used last
+  np.testing.assert_array_equal(table.cached_ids, [6, 7])
+  table.reset_stats()
+  ids = np.array([7, 5, 6])
+  np.testing.assert_array_equal(table.fetch(ids), table.rows()[ids])
+  assert (table.stats()["hits"], table.stats()["misses"]) == (2, 1)
+  table.calibrate([np.array([1, 2]), np.array([3, 1])])  # the last uses decide here too
+  np.testing.assert_array_equal(table.cached_ids, [1, 3])
 
 
 def test_hit_rate_accounting():
@@ -147,4 +162,4 @@ def test_options_are_checked():
   with pytest.raises(ValueError, match="cache size"):
     memory.create("tiered", num_rows=R, dim=DH, cache_rows=R + 1)
   with pytest.raises(ValueError, match="policy"):
-    memory.create("tiered", num_rows=R, dim=DH, cache_rows=3, policy="lru")
+    memory.create("tiered", num_rows=R, dim=DH, cache_rows=3, policy="fifo")

@@ -288,7 +288,7 @@ def tiered_section(cfg: BenchConfig) -> list[str]:
     cdf = _zipf_cdf(r, a)
     for frac in cfg.cache_fractions:
       rates = {}
-      for policy in ("static", "lfu"):
+      for policy in ("static", "lfu", "lru"):
         table = create(
           "tiered",
           num_rows=r,
@@ -310,7 +310,8 @@ def tiered_section(cfg: BenchConfig) -> list[str]:
       ideal = cdf[round(frac * r) - 1] / cdf[-1]
       out.append(
         f"zipf {a:3.1f}  cache {frac:5.0%} of rows: hit rate static "
-        f"{rates['static']:.3f}  lfu {rates['lfu']:.3f}  ideal {ideal:.3f}"
+        f"{rates['static']:.3f}  lfu {rates['lfu']:.3f}  lru {rates['lru']:.3f}  "
+        f"ideal {ideal:.3f}"
       )
   return out
 

@@ -4,9 +4,10 @@ Hashed n-gram accesses are Zipfian, so a small cache of the most frequent rows s
 ids from device memory; only misses cross from the tier below. Which rows are hot comes from
 access counts: gathered by a calibration pass over data (`calibrate`, policy 'static'), or
 online (policy 'lfu': counts of the fetched ids, aged by halving, and the cache refilled with
-the top rows every `refresh_every` fetches). Below the cache sits a `host` table (trainable;
-pinned host memory) or, with `disk=<directory written by storage.save_memmap>`, a read-only
-NumPy memmap for tables larger than RAM (the OS page cache is then the host level).
+the top rows every `refresh_every` fetches; policy 'lru': refilled with the C rows accessed most
+recently, counting every access of every fetch in order). Below the cache sits a `host` table
+(trainable; pinned host memory) or, with `disk=<directory written by storage.save_memmap>`, a
+read-only NumPy memmap for tables larger than RAM (the OS page cache is then the host level).
 
 Object use, two-stage (what `TieredTable` does): outside jit, `rows = table.fetch(ids)` looks up
 each id's cache slot on the host, gathers only the distinct missed rows from the tier below, and
@@ -38,7 +39,7 @@ from engram_jax.config import OptimConfig
 from engram_jax.memory import base, host
 from engram_jax.memory import storage as storage_lib
 
-POLICIES = ("static", "lfu")
+POLICIES = ("static", "lfu", "lru")
 
 
 class TieredState(NamedTuple):
@@ -130,8 +131,8 @@ class TieredTable(base.MemoryTable):
 
   Options:
     cache_rows / cache_fraction: the cache size C, in rows or as a fraction of R.
-    policy: 'static' (the cache changes only in `calibrate`) or 'lfu' (online).
-    refresh_every: fetches between LFU refills.
+    policy: 'static' (the cache changes only in `calibrate`), 'lfu' or 'lru' (online).
+    refresh_every: fetches between online refills.
     count_sample: at most this many ids of each fetch are counted (LFU).
     disk: directory of a table written by `storage.save_memmap` (read-only disk tier).
     Remaining options (storage, engine, threads, trainable, device) go to the host table.
@@ -182,9 +183,11 @@ class TieredTable(base.MemoryTable):
     self.cache = jax.device_put(jnp.zeros((c, dim), self.dtype), self.device)
     self.cached_ids = np.full((c,), num_rows, np.int32)  # sorted; R marks an empty slot
     self.slot_of = np.full((num_rows,), -1, np.int32)
-    self.counts = np.zeros((num_rows,), np.uint32)
+    # Access counts ('lfu', 'static'), or for 'lru' the number of the last access of each row.
+    self.counts = np.zeros((num_rows,), np.uint64 if policy == "lru" else np.uint32)
     self._buffers = base.OutputBuffers()
     self._since_refresh = 0
+    self._clock = 0  # accesses seen ('lru')
 
   @property
   def cache_size(self) -> int:
@@ -227,6 +230,8 @@ class TieredTable(base.MemoryTable):
     self._stats.bytes_to_device += c * storage_lib.row_bytes(self.storage, self.dim)
 
   def _top_rows(self) -> np.ndarray:
+    """The (at most C) rows with the highest counts: the most frequent ('lfu', 'static') or the
+    most recently accessed ('lru')."""
     c = self.cache_size
     counted = np.count_nonzero(self.counts)
     if counted <= c:
@@ -235,21 +240,34 @@ class TieredTable(base.MemoryTable):
 
   def calibrate(self, batches) -> None:
     """Counts the ids of `batches` (an iterable of int arrays) and fills the cache with the
-    C most frequent rows."""
+    C most frequent rows ('lru': the C rows used last)."""
     for ids in batches:
       flat = np.clip(np.asarray(ids).reshape(-1), 0, self.num_rows - 1)
-      self.counts += np.bincount(flat, minlength=self.num_rows).astype(np.uint32)
+      if self.policy == "lru":
+        self._stamp(flat)
+      else:
+        self.counts += np.bincount(flat, minlength=self.num_rows).astype(np.uint32)
     self._fill(self._top_rows())
 
+  def _stamp(self, flat: np.ndarray) -> None:
+    """LRU: numbers the accesses of `flat` [N] in order and records each row's last one."""
+    rows, from_end = np.unique(flat[::-1], return_index=True)  # [U] rows, last access from end
+    self.counts[rows] = self._clock + (flat.shape[0] - from_end).astype(np.uint64)
+    self._clock += flat.shape[0]
+
   def _observe(self, flat: np.ndarray) -> None:
-    if self.policy != "lfu":
+    if self.policy == "static":
       return
-    step = max(1, flat.shape[0] // self.count_sample)
-    np.add.at(self.counts, flat[::step], np.uint32(1))
     self._since_refresh += 1
+    if self.policy == "lru":
+      self._stamp(flat)
+    else:
+      step = max(1, flat.shape[0] // self.count_sample)
+      np.add.at(self.counts, flat[::step], np.uint32(1))
     if self._since_refresh >= self.refresh_every:
       self._fill(self._top_rows())
-      self.counts >>= 1  # aging: recent accesses weigh more
+      if self.policy == "lfu":
+        self.counts >>= 1  # aging: recent accesses weigh more
       self._since_refresh = 0
 
   def fetch(self, ids) -> jax.Array:
