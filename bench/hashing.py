@@ -9,12 +9,11 @@ script prints tokens/s for each and their ratio (goal: >= 5x).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from absl import app, flags
 
 from engram_jax.hashing import NgramHasher
+from engram_jax.memory.measure import best_times
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Sequences per batch (B).")
 _SEQ = flags.DEFINE_integer("seq", 2048, "Tokens per sequence (T).")
@@ -53,15 +52,11 @@ def measure(batch: int, seq: int, base: int, heads: int, vocab: int, repeats: in
   ours, ref = hasher.hash_all(x), reference_hash_all(hasher, x)
   for layer in hasher.layer_ids:
     np.testing.assert_array_equal(ours[layer], ref[layer])
-  times = {"hash_all": [], "reference": []}
-  for _ in range(repeats):
-    for name, fn in (("hash_all", hasher.hash_all), ("reference", reference_hash_all)):
-      args = (x,) if name == "hash_all" else (hasher, x)
-      start = time.perf_counter()
-      fn(*args)
-      times[name].append(time.perf_counter() - start)
+  best = best_times(
+    {"hash_all": lambda: hasher.hash_all(x), "reference": lambda: reference_hash_all(hasher, x)},
+    repeats,
+  )
   tokens = batch * seq
-  best = {k: min(v) for k, v in times.items()}
   return {
     "tokens": tokens,
     "hash_all_tok_s": tokens / best["hash_all"],

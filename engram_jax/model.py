@@ -8,18 +8,25 @@ Block i (0-based) runs, in order (paper §2.3):
 The Engram tables are not parameters of this module: the caller fetches `rows[i]` [B, T, H, Dh]
 from a memory backend with the hash ids that came with the batch and passes them in, so the
 gradient w.r.t. the rows can drive a sparse table update.
+
+Incremental decoding: `init_decode_cache` makes a `DecodeCache` (per block, the attention's
+keys/values and, at Engram layers, the convolution's last inputs); calling the model with
+`positions` and `cache` runs only the new tokens and returns the updated cache. Everything
+else (mHC, MoE, the Engram gate) acts on each token alone, so prefill + one-token steps give
+the logits of the full forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from engram_jax.config import ModelConfig
-from engram_jax.layers.attention import CausalSelfAttention
+from engram_jax.layers.attention import CausalSelfAttention, KVCache
 from engram_jax.layers.engram import Engram
 from engram_jax.layers.ffn import FeedForward
 from engram_jax.layers.mhc import HyperConnection, expand_streams, merge_streams
@@ -29,6 +36,30 @@ from engram_jax.layers.norms import RMSNorm
 
 def _dtype(name: str):
   return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+class BlockCache(NamedTuple):
+  """Decoding state of one block: kv (attention keys/values, [B, S, G, Da] each) and conv
+  ([B, L, M*D] last Engram convolution inputs; None where the block has no Engram)."""
+
+  kv: KVCache
+  conv: jax.Array | None
+
+
+DecodeCache = tuple[BlockCache, ...]
+
+
+def init_decode_cache(cfg: ModelConfig, batch: int, length: int) -> DecodeCache:
+  """An empty decoding cache for sequences of up to `length` tokens (S = length)."""
+  dtype = _dtype(cfg.dtype)
+  lag = (cfg.engram.kernel_size - 1) * cfg.engram.max_ngram_size if cfg.engram else 0
+  return tuple(
+    BlockCache(
+      KVCache.zeros(batch, length, cfg.num_kv_heads, cfg.head_dim, dtype),
+      jnp.zeros((batch, lag, cfg.streams * cfg.d_model), dtype) if i in cfg.engram_layers else None,
+    )
+    for i in range(cfg.num_layers)
+  )
 
 
 class Block(nn.Module):
@@ -43,18 +74,28 @@ class Block(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, h: jax.Array, rows: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+    self,
+    h: jax.Array,
+    rows: jax.Array | None,
+    positions: jax.Array | None = None,
+    cache: BlockCache | None = None,
+  ) -> tuple[jax.Array, jax.Array | None] | tuple[jax.Array, jax.Array | None, BlockCache]:
     """Shapes: B batch, T sequence, M streams, D width, H hash heads, Dh head row width, E experts.
 
     Args:
       h: [B, T, M, D] streams.
       rows: [B, T, H, Dh] fetched Engram rows for this block, or None.
+      positions: [B, T] positions of the tokens (decoding).
+      cache: this block's decoding state; then `positions` is required.
 
     Returns:
-      (h [B, T, M, D], load [E] of the MoE layer or None).
+      (h [B, T, M, D], load [E] of the MoE layer or None), plus the new `BlockCache` when
+      decoding.
     """
     cfg = self.cfg
     dtype = _dtype(cfg.dtype)
+    conv = None
     if self.layer in cfg.engram_layers:
       if rows is None:
         raise ValueError(f"rows: block {self.layer} is an Engram layer but got no rows")
@@ -64,7 +105,11 @@ class Block(nn.Module):
         dtype=dtype,
         name="engram",
       )
-      h = h + engram(h, rows).astype(h.dtype)
+      if cache is None:
+        y = engram(h, rows)
+      else:
+        y, conv = engram(h, rows, cache.conv)
+      h = h + y.astype(h.dtype)
 
     hc_attn = HyperConnection(
       streams=cfg.streams, sinkhorn_iters=cfg.sinkhorn_iters, eps=cfg.norm_eps, name="hc_attn"
@@ -78,7 +123,11 @@ class Block(nn.Module):
       dtype=dtype,
       name="attn",
     )
-    y = attn(RMSNorm(eps=cfg.norm_eps, name="attn_norm")(x))
+    x = RMSNorm(eps=cfg.norm_eps, name="attn_norm")(x)
+    if cache is None:
+      y = attn(x)
+    else:
+      y, kv = attn(x, positions, cache.kv)
     h = hc_attn.post(ctx, y.astype(h.dtype))
 
     hc_ffn = HyperConnection(
@@ -101,7 +150,9 @@ class Block(nn.Module):
     else:
       y = FeedForward(hidden_dim=cfg.ffn_hidden, dtype=dtype, name="ffn")(x)
     h = hc_ffn.post(ctx, y.astype(h.dtype))
-    return h, load
+    if cache is None:
+      return h, load
+    return h, load, BlockCache(kv, conv)
 
 
 class EngramLM(nn.Module):
@@ -115,21 +166,38 @@ class EngramLM(nn.Module):
 
   @nn.compact
   def __call__(
-    self, tokens: jax.Array, rows: Mapping[int, jax.Array] | None = None
-  ) -> tuple[jax.Array, jax.Array]:
+    self,
+    tokens: jax.Array,
+    rows: Mapping[int, jax.Array] | None = None,
+    positions: jax.Array | None = None,
+    cache: DecodeCache | None = None,
+  ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, DecodeCache]:
     """Next-token logits.
 
     Args:
       tokens: [B, T] raw token ids.
       rows: {engram layer id: [B, T, H, Dh]} rows fetched for the batch's hash ids.
+      positions: [B, T] positions of the tokens, with `cache` (prefill: 0..T-1, then one
+        token at a time, in order: the Engram convolution state assumes consecutive calls).
+      cache: a `DecodeCache` from `init_decode_cache` or a previous call.
 
     Returns:
       (logits [B, T, V] float32, load [L_moe, E] per-expert load of every MoE block, or an
-      empty [0, 0] array for a model without MoE).
+      empty [0, 0] array for a model without MoE); with `cache`, also the updated cache.
     """
     cfg = self.cfg
     if tokens.ndim != 2:
       raise ValueError(f"tokens: expected [B, T], got shape {tokens.shape}")
+    if cache is not None:
+      if positions is None or positions.shape != tokens.shape:
+        raise ValueError(
+          f"positions: expected [B, T] = {tokens.shape} when decoding with a cache, got "
+          f"{None if positions is None else positions.shape}"
+        )
+      if len(cache) != cfg.num_layers:
+        raise ValueError(
+          f"cache: expected one BlockCache per block ({cfg.num_layers}), got {len(cache)}"
+        )
     rows = dict(rows or {})
     missing = [i for i in cfg.engram_layers if i not in rows]
     if missing:
@@ -144,9 +212,14 @@ class EngramLM(nn.Module):
     )
     x = jnp.take(embed, tokens, axis=0)  # [B, T] -> [B, T, D]
     h = expand_streams(x, cfg.streams)  # [B, T, D] -> [B, T, M, D]
-    loads = []
+    loads, new_cache = [], []
     for i in range(cfg.num_layers):
-      h, load = Block(cfg, i, name=f"block_{i}")(h, rows.get(i))
+      block = Block(cfg, i, name=f"block_{i}")
+      if cache is None:
+        h, load = block(h, rows.get(i))
+      else:
+        h, load, block_cache = block(h, rows.get(i), positions, cache[i])
+        new_cache.append(block_cache)
       if load is not None:
         loads.append(load)
     x = RMSNorm(eps=cfg.norm_eps, name="final_norm")(merge_streams(h))  # [B, T, M, D] -> [B, T, D]
@@ -160,4 +233,6 @@ class EngramLM(nn.Module):
     # [B, T, D] x [D, V] -> [B, T, V]
     logits = jnp.einsum("btd,dv->btv", x.astype(dtype), head.astype(dtype))
     load = jnp.stack(loads) if loads else jnp.zeros((0, 0), jnp.float32)
-    return logits.astype(jnp.float32), load
+    if cache is None:
+      return logits.astype(jnp.float32), load
+    return logits.astype(jnp.float32), load, tuple(new_cache)

@@ -27,3 +27,26 @@ def demo_vectors():
   from engram_jax.interop import load_demo_vectors
 
   return load_demo_vectors(DATA / "engram_demo_vectors.npz")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+  """The first 120,000 characters of the embedded corpus, as a text file."""
+  from engram_jax.data import read_text
+  from engram_jax.data.corpus import default_corpus_path
+
+  path = tmp_path_factory.mktemp("corpus") / "small.txt"
+  path.write_text(read_text(default_corpus_path())[:120_000])
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_corpus, tmp_path_factory):
+  """One `tiny` training run on the small corpus, shared read-only by the tests that need a
+  trained checkpoint: (workdir, corpus_files, results)."""
+  from engram_jax import presets
+  from engram_jax.train import loop
+
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  results = loop.train(presets.tiny(), workdir, corpus_files=(small_corpus,), progress=False)
+  return workdir, (small_corpus,), results

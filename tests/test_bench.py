@@ -12,6 +12,7 @@ import pytest
     ("bench.hashing", ["--batch=4", "--seq=300", "--repeats=1"], "speedup:"),
     ("bench.train_step", ["--preset=tiny", "--repeats=2"], "ratio:"),
     ("bench.memory", ["--smoke"], "copy"),
+    ("bench.generate", ["--preset=tiny", "--new_tokens=3", "--repeats=1"], "same text from both"),
   ],
 )
 def test_bench_script_runs(module, args, expected):

@@ -4,20 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import presets
-from engram_jax.data import read_text
-from engram_jax.data.corpus import default_corpus_path
 from engram_jax.infer import Generator
-from engram_jax.train import loop
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("gen")
-  corpus = tmp / "small.txt"
-  corpus.write_text(read_text(default_corpus_path())[:120_000])
-  loop.train(presets.tiny(), tmp / "run", corpus_files=(str(corpus),), progress=False)
-  return tmp / "run", (str(corpus),)
+def trained(tiny_run):
+  workdir, corpus, _ = tiny_run
+  return workdir, corpus
 
 
 def test_every_backend_generates_the_same(trained):
@@ -32,6 +25,20 @@ def test_every_backend_generates_the_same(trained):
   assert len(outputs["device"]) > 0
   np.testing.assert_allclose(logits["host"], logits["device"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(logits["tiered"], logits["device"], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_matches_the_full_forward(trained):
+  workdir, corpus = trained
+  gen = Generator.from_checkpoint(workdir, "tiny", "host", corpus_files=corpus)
+  # The trained convolution is still near its zero start: make its decoding state matter.
+  conv = gen.params["block_1"]["engram"]["conv_kernel"]
+  gen.params["block_1"]["engram"]["conv_kernel"] = conv + 0.5
+  prompt = "And God said, Let there be"
+  ids = gen.pipeline.tokenizer.encode(prompt).ids
+  want = list(ids)
+  for _ in range(8):  # greedy, re-running the whole sequence every step
+    want.append(int(np.argmax(gen.next_token_logits(want))))
+  assert gen.generate(prompt, max_new_tokens=8) == gen.pipeline.tokenizer.decode(want[len(ids) :])
 
 
 def test_padding_does_not_change_the_logits(trained):

@@ -6,20 +6,13 @@ import math
 import pytest
 
 from engram_jax import presets
-from engram_jax.data import read_text
-from engram_jax.data.corpus import default_corpus_path
 from engram_jax.memory import accuracy, storage
-from engram_jax.train import loop
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  corpus = tmp_path_factory.mktemp("corpus") / "small.txt"
-  corpus.write_text(read_text(default_corpus_path())[:120_000])
-  workdir = tmp_path_factory.mktemp("run")
-  loop.train(presets.tiny(), workdir, corpus_files=(str(corpus),), progress=False)
-  result = accuracy.storage_accuracy(workdir, "tiny", corpus_files=(str(corpus),))
-  return workdir, (str(corpus),), result
+def run(tiny_run):
+  workdir, corpus, _ = tiny_run
+  return workdir, corpus, accuracy.storage_accuracy(workdir, "tiny", corpus_files=corpus)
 
 
 def test_float32_reproduces_the_trained_loss(run):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engram_jax import presets
-from engram_jax.model import EngramLM
+from engram_jax.model import EngramLM, init_decode_cache
 
 B, T = 2, 12
 
@@ -28,7 +28,8 @@ def _setup(model_cfg, seed=0):
     }
   )
   model = EngramLM(model_cfg)
-  variables = nn.unbox(model.init(jax.random.key(seed), tokens, rows))
+  # Jitted: op-by-op execution of the model takes many times longer on CPU.
+  variables = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens, rows))
   return model, variables, tokens, rows
 
 
@@ -37,9 +38,15 @@ def tiny_cfg():
   return dataclasses.replace(presets.tiny().model, vocab_size=97)
 
 
-def test_shapes_and_layout(tiny_cfg):
-  model, variables, tokens, rows = _setup(tiny_cfg)
-  logits, load = model.apply(variables, tokens, rows)
+@pytest.fixture(scope="module")
+def tiny(tiny_cfg):
+  """(model, variables, tokens, rows, jitted apply), shared: compiling dominates these tests."""
+  return (*_setup(tiny_cfg), jax.jit(EngramLM(tiny_cfg).apply))
+
+
+def test_shapes_and_layout(tiny):
+  _, variables, tokens, rows, apply = tiny
+  logits, load = apply(variables, tokens, rows)
   chex.assert_shape(logits, (B, T, 97))
   chex.assert_shape(load, (1, 4))  # one MoE block (block 1), four experts
   np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-6)
@@ -49,29 +56,57 @@ def test_shapes_and_layout(tiny_cfg):
   assert "expert_bias" in variables["balance"]["block_1"]["moe"]
 
 
-def test_causal_in_tokens_and_rows(tiny_cfg):
-  model, variables, tokens, rows = _setup(tiny_cfg)
+def test_causal_in_tokens_and_rows(tiny):
+  model, variables, tokens, rows, apply = tiny
   t = 6
-  g_rows = jax.grad(lambda r: model.apply(variables, tokens, {1: r})[0][:, t].sum())(rows[1])
+  g_rows = jax.jit(jax.grad(lambda r: model.apply(variables, tokens, {1: r})[0][:, t].sum()))(
+    rows[1]
+  )
   assert np.all(np.asarray(g_rows[:, t + 1 :]) == 0)
   assert np.any(np.asarray(g_rows[:, : t + 1]) != 0)
   # Changing a future token leaves the logits at t unchanged.
   future = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % 97)
   np.testing.assert_array_equal(
-    model.apply(variables, tokens, rows)[0][:, : t + 1],
-    model.apply(variables, future, rows)[0][:, : t + 1],
+    apply(variables, tokens, rows)[0][:, : t + 1],
+    apply(variables, future, rows)[0][:, : t + 1],
   )
 
 
-def test_engram_changes_the_output(tiny_cfg):
-  model, variables, tokens, rows = _setup(tiny_cfg)
-  a = model.apply(variables, tokens, rows)[0]
-  b = model.apply(variables, tokens, {1: rows[1] * 2.0})[0]
+def test_engram_changes_the_output(tiny):
+  _, variables, tokens, rows, apply = tiny
+  a = apply(variables, tokens, rows)[0]
+  b = apply(variables, tokens, {1: rows[1] * 2.0})[0]
   assert not np.allclose(a, b)
 
 
-def test_missing_rows_and_bad_tokens(tiny_cfg):
-  model, variables, tokens, rows = _setup(tiny_cfg)
+def test_prefill_then_decode_equals_the_full_forward(tiny_cfg, tiny):
+  model, variables, tokens, rows, apply = tiny
+  # The Engram convolution starts at zero; give it taps so its decoding state matters.
+  variables = jax.tree.map(lambda x: x, variables)  # a copy: the fixture is shared
+  params = variables["params"]
+  conv = params["block_1"]["engram"]["conv_kernel"]
+  params["block_1"]["engram"]["conv_kernel"] = jax.random.normal(jax.random.key(5), conv.shape)
+  full, _ = apply(variables, tokens, rows)
+  step = jax.jit(
+    lambda tok, r, pos, cache: model.apply(variables, tok, r, positions=pos, cache=cache)
+  )
+  cache = init_decode_cache(tiny_cfg, B, length=16)
+  p = 5
+  positions = jnp.broadcast_to(jnp.arange(p)[None], (B, p))
+  logits, _, cache = step(tokens[:, :p], {1: rows[1][:, :p]}, positions, cache)
+  got = [logits]
+  for t in range(p, T):
+    pos = jnp.full((B, 1), t)
+    logits, _, cache = step(tokens[:, t : t + 1], {1: rows[1][:, t : t + 1]}, pos, cache)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, axis=1), full, rtol=2e-5, atol=2e-5)
+  assert cache[0].conv is None and cache[1].conv.shape == (B, 9, 2 * tiny_cfg.d_model)
+  with pytest.raises(ValueError, match="positions"):
+    model.apply(variables, tokens, rows, cache=cache)
+
+
+def test_missing_rows_and_bad_tokens(tiny):
+  model, variables, tokens, rows, _ = tiny
   with pytest.raises(ValueError, match="missing"):
     model.apply(variables, tokens, {})
   with pytest.raises(ValueError, match=r"tokens: expected \[B, T\]"):
@@ -81,7 +116,7 @@ def test_missing_rows_and_bad_tokens(tiny_cfg):
 def test_single_stream_dense_model_without_engram():
   cfg = dataclasses.replace(presets.tiny().model, vocab_size=50, streams=1, moe=None, engram=None)
   model, variables, tokens, _ = _setup(cfg)
-  logits, load = model.apply(variables, tokens)
+  logits, load = jax.jit(model.apply)(variables, tokens)
   chex.assert_shape(logits, (B, T, 50))
   assert load.shape == (0, 0)
   assert "hc_attn" not in variables["params"]["block_0"]
@@ -90,5 +125,5 @@ def test_single_stream_dense_model_without_engram():
 def test_bfloat16_compute(tiny_cfg):
   cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16")
   model, variables, tokens, rows = _setup(cfg)
-  logits, _ = model.apply(variables, tokens, rows)
+  logits, _ = jax.jit(model.apply)(variables, tokens, rows)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))

@@ -9,24 +9,19 @@ import numpy as np
 import pytest
 
 from engram_jax import presets
-from engram_jax.data import read_text
-from engram_jax.data.corpus import default_corpus_path
 from engram_jax.train import compare, loop
 from engram_jax.train.checkpoint import Checkpointer
 from engram_jax.train.step import checkpoint_tree
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("corpus") / "small.txt"
-  path.write_text(read_text(default_corpus_path())[:120_000])
-  return str(path)
+def corpus(small_corpus):
+  return small_corpus
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("full")
-  results = loop.train(presets.tiny(), workdir, corpus_files=(corpus,), progress=False)
+def uninterrupted(tiny_run):
+  workdir, _, results = tiny_run
   return workdir, results
 
 

@@ -2,9 +2,12 @@
 
 The serving loop of paper §2.5: the hash ids of the next forward pass depend only on the tokens,
 so they are computed on the host and the rows fetched from wherever the table lives (`device`,
-`host`, `tiered`, ... through `engram_jax.memory.create`) before the jitted forward runs. The
-backbone re-reads the whole (padded) sequence every step: simple and exact, meant for
-studying a model, not for throughput.
+`host`, `tiered`, ... through `engram_jax.memory.create`) before the jitted forward runs.
+
+`generate` decodes incrementally: one prefill of the prompt, then one token per step with the
+attention keys/values and the Engram convolution state in a `DecodeCache`; a new token's hash
+ids need only the last N tokens. `next_token_logits` runs the full forward over a sequence
+(scoring, and the reference the cached path is tested against).
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ import numpy as np
 
 from engram_jax import memory, presets
 from engram_jax.data import encode_corpus
+from engram_jax.model import init_decode_cache
 from engram_jax.train import loop
 from engram_jax.train.checkpoint import Checkpointer
 from engram_jax.train.step import Trainer, checkpoint_tree, from_checkpoint_tree, table_key
 
-# Sequences are padded to a multiple of this, so the forward compiles once per bucket.
+# Sequences (and decoding caches) are padded to a multiple of this, so the forward compiles
+# once per bucket.
 _BUCKET = 64
+
+
+def _bucket(n: int) -> int:
+  return -(-n // _BUCKET) * _BUCKET
 
 
 @dataclasses.dataclass
@@ -76,6 +85,29 @@ class Generator:
     if restored is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt_dir} restores as preset {preset!r}")
     state = from_checkpoint_tree(restored[1])
+    return cls._from_state(trainer, pipeline, state, memory_kind, memory_options)
+
+  @classmethod
+  def untrained(
+    cls,
+    preset: str,
+    memory_kind: str = "device",
+    corpus_files=(),
+    tokenizer_file: str | None = None,
+    seed: int = 0,
+    **memory_options,
+  ) -> Generator:
+    """A freshly initialised model of `preset` (for measuring speed, or a baseline)."""
+    exp = presets.get(preset)
+    data_cfg = loop.data_config(exp, corpus_files, tokenizer_file)
+    pipeline, trainer = loop.build_trainer(exp, data_cfg, encode_corpus(data_cfg))
+    t = exp.train
+    state = jax.jit(lambda k: trainer.init(k, t.batch_size, t.seq_len))(jax.random.key(seed))
+    return cls._from_state(trainer, pipeline, state, memory_kind, memory_options)
+
+  @classmethod
+  def _from_state(cls, trainer, pipeline, state, memory_kind: str, memory_options: dict):
+    """Puts the state's tables into `memory_kind` tables."""
     tables = {}
     for layer in trainer.layouts:
       rows = np.asarray(state.tables[table_key(layer)].table)
@@ -89,21 +121,36 @@ class Generator:
       logits, _ = self.trainer.model.apply({"params": params, "balance": balance}, tokens, rows)
       return logits[0, pos]  # [1, Tp, V] -> [V]
 
+    def decode(params, balance, tokens, rows, positions, cache):
+      variables = {"params": params, "balance": balance}
+      logits, _, cache = self.trainer.model.apply(
+        variables, tokens, rows, positions=positions, cache=cache
+      )
+      return logits[0, -1], cache  # [1, T, V] -> [V]
+
     self._logits = jax.jit(logits_at)
+    self._decode = jax.jit(decode, donate_argnums=5)
     self._hash_fn, _ = loop.engram_hashing(self.trainer.model_cfg, self.pipeline.tokenizer)
+
+  def _rows(self, tokens: np.ndarray, last: int | None = None) -> dict:
+    """Rows of every Engram layer for raw tokens [1, T]: {layer: [1, T, H, Dh]}, or only for
+    the `last` positions ([1, last, H, Dh]); hashing sees all of `tokens` as context."""
+    rows = {}
+    if self.tables:
+      hash_ids = self._hash_fn(tokens)  # {layer: [1, T, H]}, on the host
+      for layer, layout in self.trainer.layouts.items():
+        row_ids = hash_ids[layer] + layout.offsets  # [1, T, H]
+        if last is not None:
+          row_ids = row_ids[:, -last:]  # [1, T, H] -> [1, last, H]
+        rows[layer] = jnp.asarray(self.tables[layer].fetch(row_ids))  # [1, ., H, Dh]
+    return rows
 
   def next_token_logits(self, ids: list[int]) -> np.ndarray:
     """Logits [V] of the token after `ids`."""
     t = len(ids)
-    tp = -(-t // _BUCKET) * _BUCKET
-    tokens = np.full((1, tp), self.pipeline.special_ids.pad, np.int64)
+    tokens = np.full((1, _bucket(t)), self.pipeline.special_ids.pad, np.int64)
     tokens[0, :t] = ids
-    rows = {}
-    if self.tables:
-      hash_ids = self._hash_fn(tokens)  # {layer: [1, Tp, H]}, on the host
-      for layer, layout in self.trainer.layouts.items():
-        row_ids = hash_ids[layer] + layout.offsets  # [1, Tp, H]
-        rows[layer] = jnp.asarray(self.tables[layer].fetch(row_ids))  # [1, Tp, H, Dh]
+    rows = self._rows(tokens)
     return np.asarray(
       self._logits(self.params, self.balance, jnp.asarray(tokens, jnp.int32), rows, t - 1)
     )
@@ -123,8 +170,23 @@ class Generator:
       raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
     rng = np.random.default_rng(seed)
     out = list(ids)
+    cfg = self.trainer.model_cfg
+    context = cfg.engram.max_ngram_size if cfg.engram else 1  # tokens a new hash id reads
+    cache = init_decode_cache(cfg, 1, _bucket(len(ids) + max_new_tokens))
+    new = np.asarray([ids], np.int64)  # [1, T]: the prompt (prefill), then one token per step
     for _ in range(max_new_tokens):
-      logits = self.next_token_logits(out)
+      start = len(out) - new.shape[1]
+      window = np.asarray([out[max(0, start - context + 1) :]], np.int64)  # context + new
+      positions = jnp.arange(start, len(out), dtype=jnp.int32)[None]  # [1, T]
+      logits, cache = self._decode(
+        self.params,
+        self.balance,
+        jnp.asarray(new, jnp.int32),
+        self._rows(window, last=new.shape[1]),
+        positions,
+        cache,
+      )
+      logits = np.asarray(logits)
       if temperature <= 0:
         nxt = int(np.argmax(logits))
       else:
@@ -133,4 +195,5 @@ class Generator:
       out.append(nxt)
       if nxt == self.pipeline.special_ids.eos:
         break
+      new = np.asarray([[nxt]], np.int64)
     return self.pipeline.tokenizer.decode(out[len(ids) :])

@@ -84,17 +84,28 @@ class Engram(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
+  @property
+  def conv_state_length(self) -> int:
+    """L = (W - 1) * N: past positions the convolution reads (the decoding state)."""
+    return (self.kernel_size - 1) * self.max_ngram_size
+
   @nn.compact
-  def __call__(self, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+  def __call__(
+    self, hidden: jax.Array, rows: jax.Array, conv_state: jax.Array | None = None
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Computes Y for every residual branch.
 
     Args:
       hidden: [B, T, M, D] branch hidden states (or [B, T, D] for M = 1).
       rows: [B, T, H, Dh] memory rows fetched for this layer's hash ids.
+      conv_state: for incremental decoding, [B, L, M*D] convolution inputs of the L positions
+        before these T (zeros before the sequence start: a prefill from zeros equals the
+        plain call).
 
     Returns:
       [B, T, M, D] float32 (the caller adds it to the residual streams); [B, T, D] when
-      `hidden` was given as [B, T, D].
+      `hidden` was given as [B, T, D]. With `conv_state`, the tuple (Y, the next state
+      [B, L, M*D]: the last L convolution inputs).
     """
     check_engram_inputs(hidden.shape, rows.shape)
     single_stream = hidden.ndim == 3
@@ -150,12 +161,20 @@ class Engram(nn.Module):
       (self.kernel_size, m * d),
       self.param_dtype,
     )
-    # [B, T, M, D] -> [B, T, C]: branches side by side as channels.
-    y = causal_depthwise_conv(
-      un.reshape(b, t, m * d).astype(self.dtype),
-      conv_kernel.astype(self.dtype),
-      self.max_ngram_size,
-    )
+    x = un.reshape(b, t, m * d).astype(self.dtype)  # [B, T, M, D] -> [B, T, C], C = M*D
+    if conv_state is not None:
+      lag = self.conv_state_length
+      if conv_state.shape != (b, lag, m * d):
+        raise ValueError(
+          f"conv_state: expected [B, L, M*D] = {(b, lag, m * d)}, got {conv_state.shape}"
+        )
+      x = jnp.concatenate([conv_state.astype(self.dtype), x], axis=1)  # [B, L + T, C]
+    y = causal_depthwise_conv(x, conv_kernel.astype(self.dtype), self.max_ngram_size)
+    if conv_state is not None:
+      y = y[:, lag:]  # [B, L + T, C] -> [B, T, C]
     y = jax.nn.silu(y.astype(jnp.float32)).reshape(b, t, m, d)  # [B, T, C] -> [B, T, M, D]
     out = u + y
-    return out[:, :, 0] if single_stream else out
+    out = out[:, :, 0] if single_stream else out
+    if conv_state is None:
+      return out
+    return out, x[:, x.shape[1] - lag :]  # [B, L + T, C] -> [B, L, C]
