@@ -13,6 +13,7 @@ ids need only the last N tokens. `next_token_logits` runs the full forward over 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from engram_jax import memory, presets
 from engram_jax.data import encode_corpus
 from engram_jax.model import init_decode_cache
 from engram_jax.train import loop
+from engram_jax.train import tables as tables_lib
 from engram_jax.train.checkpoint import Checkpointer
 from engram_jax.train.step import Trainer, checkpoint_tree, from_checkpoint_tree, table_key
 
@@ -107,13 +109,18 @@ class Generator:
 
   @classmethod
   def _from_state(cls, trainer, pipeline, state, memory_kind: str, memory_options: dict):
-    """Puts the state's tables into `memory_kind` tables."""
+    """Puts the state's tables into `memory_kind` tables. A 'tiered' cache starts with the
+    rows the first training batches read most, as in training (`tables.CALIBRATION_BATCHES`)."""
     tables = {}
     for layer in trainer.layouts:
       rows = np.asarray(state.tables[table_key(layer)].table)
       tables[layer] = memory.create(
         memory_kind, num_rows=rows.shape[0], dim=rows.shape[1], rows=rows, **memory_options
       )
+    if memory_kind == "tiered":
+      batches = list(itertools.islice(iter(pipeline.train), tables_lib.CALIBRATION_BATCHES))
+      for layer, layout in trainer.layouts.items():
+        tables[layer].calibrate([layout.row_ids(b["hash_ids"][layer]) for b in batches])
     return cls(trainer, state.params, state.balance, tables, pipeline)
 
   def __post_init__(self):
