@@ -18,10 +18,12 @@ Sections:
     python -m bench.memory                       # all sections (a few minutes, < 8 GB)
     python -m bench.memory --sections=fetch,update --table_gb=2
     python -m bench.memory --smoke               # tiny sizes, seconds
+    python -m bench.memory --sections=tiered --hit_rate_plot=docs/img/tiered_hit_rate.png
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -41,12 +43,16 @@ _ZIPF_A = flags.DEFINE_float("zipf_a", 1.1, "Zipf exponent of the fetched ids.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (best kept).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes (checks the script in seconds).")
 _DEVICES = flags.DEFINE_integer("sharded_devices", 8, "Simulated devices of the sharded part.")
+_HIT_PLOT = flags.DEFINE_string(
+  "hit_rate_plot", None, "Also plot the tiered section's hit rates into this PNG file."
+)
 
 
 def _config() -> sections.BenchConfig:
   if _SMOKE.value:
-    return sections.BenchConfig.smoke()
+    return dataclasses.replace(sections.BenchConfig.smoke(), hit_rate_plot=_HIT_PLOT.value)
   return sections.BenchConfig(
+    hit_rate_plot=_HIT_PLOT.value,
     table_gb=_TABLE_GB.value,
     ids=_IDS.value,
     dim=_DIM.value,

@@ -48,6 +48,7 @@ class BenchConfig:
   hit_batch_ids: int = 1 << 16
   cache_fractions: tuple[float, ...] = (0.01, 0.05, 0.2)
   hit_exponents: tuple[float, ...] = (1.0, 1.2)
+  hit_rate_plot: str | None = None  # a PNG path: the tiered section also plots its hit rates
 
   @classmethod
   def smoke(cls) -> BenchConfig:
@@ -274,21 +275,26 @@ def update_section(cfg: BenchConfig) -> list[str]:
   return out
 
 
-def tiered_section(cfg: BenchConfig) -> list[str]:
-  """Hit rate against cache size and Zipf exponent."""
+_POLICIES = ("static", "lfu", "lru")
+
+
+def tiered_hit_rates(cfg: BenchConfig) -> list[dict]:
+  """Hit rate of each policy against cache size and Zipf exponent.
+
+  Returns:
+    One record per (exponent, cache fraction): {"zipf", "fraction", "ideal", and the hit rate
+    of every policy under its name}.
+  """
   r = cfg.hit_rows
-  out = [
-    f"## tiered: R={r:,}, {cfg.hit_batches} calibration + {cfg.hit_batches} measured "
-    f"batches of {cfg.hit_batch_ids:,} ids"
-  ]
+  records = []
   for a in cfg.hit_exponents:
     rng = np.random.default_rng(3)
     calib = [scattered_zipf(rng, (cfg.hit_batch_ids,), r, a) for _ in range(cfg.hit_batches)]
     evals = [scattered_zipf(rng, (cfg.hit_batch_ids,), r, a) for _ in range(cfg.hit_batches)]
     cdf = _zipf_cdf(r, a)
     for frac in cfg.cache_fractions:
-      rates = {}
-      for policy in ("static", "lfu", "lru"):
+      record = {"zipf": a, "fraction": frac, "ideal": float(cdf[round(frac * r) - 1] / cdf[-1])}
+      for policy in _POLICIES:
         table = create(
           "tiered",
           num_rows=r,
@@ -306,14 +312,63 @@ def tiered_section(cfg: BenchConfig) -> list[str]:
         table.reset_stats()
         for ids in evals:
           table.fetch(ids)
-        rates[policy] = table.stats()["hit_rate"]
-      ideal = cdf[round(frac * r) - 1] / cdf[-1]
-      out.append(
-        f"zipf {a:3.1f}  cache {frac:5.0%} of rows: hit rate static "
-        f"{rates['static']:.3f}  lfu {rates['lfu']:.3f}  lru {rates['lru']:.3f}  "
-        f"ideal {ideal:.3f}"
-      )
+        record[policy] = table.stats()["hit_rate"]
+      records.append(record)
+  return records
+
+
+def format_hit_rates(cfg: BenchConfig, records: list[dict]) -> list[str]:
+  """The printed lines of `tiered_hit_rates`' records."""
+  out = [
+    f"## tiered: R={cfg.hit_rows:,}, {cfg.hit_batches} calibration + {cfg.hit_batches} "
+    f"measured batches of {cfg.hit_batch_ids:,} ids"
+  ]
+  for rec in records:
+    rates = "  ".join(f"{p} {rec[p]:.3f}" for p in _POLICIES)
+    out.append(
+      f"zipf {rec['zipf']:3.1f}  cache {rec['fraction']:5.0%} of rows: hit rate {rates}  "
+      f"ideal {rec['ideal']:.3f}"
+    )
   return out
+
+
+def plot_hit_rates(records: list[dict], path) -> None:
+  """One panel per Zipf exponent: hit rate of each policy and the ideal against cache size."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  exponents = sorted({rec["zipf"] for rec in records})
+  fig, axes = plt.subplots(1, len(exponents), figsize=(5 * len(exponents), 4), dpi=110,
+                           squeeze=False, sharey=True)  # fmt: skip
+  for ax, a in zip(axes[0], exponents, strict=True):
+    recs = sorted((rec for rec in records if rec["zipf"] == a), key=lambda rec: rec["fraction"])
+    x = [100 * rec["fraction"] for rec in recs]
+    for name in (*_POLICIES, "ideal"):
+      style = {"linestyle": "--", "color": "gray"} if name == "ideal" else {"marker": "o"}
+      ax.plot(x, [rec[name] for rec in recs], label=name, **style)
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}%" for v in x])
+    ax.set_xlabel("cache size (% of rows)")
+    ax.set_title(f"Zipf exponent {a:g}")
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel("hit rate")
+  axes[0, 0].legend()
+  fig.suptitle("Tiered cache hit rate by policy")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def tiered_section(cfg: BenchConfig) -> list[str]:
+  """Hit rate against cache size and Zipf exponent (plotted too if `cfg.hit_rate_plot`)."""
+  records = tiered_hit_rates(cfg)
+  lines = format_hit_rates(cfg, records)
+  if cfg.hit_rate_plot:
+    plot_hit_rates(records, cfg.hit_rate_plot)
+    lines.append(f"hit rates plotted in {cfg.hit_rate_plot}")
+  return lines
 
 
 _HLO_OP = re.compile(r"= (.*?) (all-to-all|all-gather|reduce-scatter)\(")
