@@ -79,6 +79,24 @@ def test_lru_keeps_the_rows_used_last():
   np.testing.assert_array_equal(table.cached_ids, [1, 3])
 
 
+def test_pure_lookup_moves_distinct_misses():
+  rows = base.init_rows(R, DH, 4)
+  table = memory.create("tiered", num_rows=R, dim=DH, rows=rows, cache_rows=8, policy="static")
+  table.calibrate([np.arange(8)])  # rows 0..7 cached
+  state = table.tiered_state()
+  route = jax.jit(tiered.lookup_with_route, static_argnames=("miss_capacity", "dtype"))
+  rng = np.random.default_rng(5)
+  repeated = rng.choice(np.arange(100, 110), size=(40, 25))  # 1,000 misses of 10 distinct rows
+  repeated[::3, ::2] = rng.integers(0, 8, size=repeated[::3, ::2].shape)  # and some hits
+  got, overflow = route(state, jnp.asarray(repeated), 16)
+  np.testing.assert_array_equal(got, rows[repeated])
+  assert not overflow  # 10 distinct misses fit 16 slots, however often each repeats
+  spread = np.arange(100, 120)  # 20 distinct misses > 16: every id from the host
+  got, overflow = route(state, jnp.asarray(spread), 16)
+  np.testing.assert_array_equal(got, rows[spread])
+  assert overflow
+
+
 def test_hit_rate_accounting():
   table = memory.create("tiered", num_rows=R, dim=DH, seed=1, cache_rows=4, policy="static")
   assert table.fetch(np.array([1, 2, 3])).shape == (3, DH)

@@ -20,8 +20,9 @@ Pure-functional core, for one jitted step (the cache contents change only betwee
     rows = tiered.lookup(state, ids, miss_capacity)  # hits from the cache, misses from host
     state = tiered.update(state, ids, row_grads, lr, optim_cfg)   # host update + write-through
 
-`lookup` compacts the misses to `miss_capacity` ids so only those rows cross; if a step has
-more misses, it gathers every id from the host instead (no id is dropped).
+`lookup` deduplicates the misses and compacts them to `miss_capacity` distinct rows so only those
+cross; if a step misses more distinct rows, it gathers every id from the host instead (no id is
+dropped).
 
 Shapes: R table rows, C cached rows, Dh row width, N ids, M miss capacity.
 """
@@ -57,36 +58,55 @@ def _probe(cached_ids, flat):
   return pos, cached_ids[pos] == flat
 
 
-def lookup(state: TieredState, ids, miss_capacity: int, dtype=jnp.float32) -> jax.Array:
+def lookup_with_route(
+  state: TieredState, ids, miss_capacity: int, dtype=jnp.float32
+) -> tuple[jax.Array, jax.Array]:
   """Rows of flat row ids: hits from the cache, misses gathered on the host (pure; jit it).
+
+  The missed ids are deduplicated (one sort of the N ids) and compacted to `miss_capacity`
+  distinct rows, so only those cross from the host; with more distinct misses, every id is
+  gathered from the host instead (no id is dropped).
 
   Args:
     state: cache and host table.
     ids: [...] flat row ids (clamped to [0, R)).
-    miss_capacity: M, misses moved per call before falling back to moving every id.
+    miss_capacity: M, distinct missed rows moved per call before the fallback.
     dtype: the rows' dtype.
 
   Returns:
-    [..., Dh] rows.
+    ([..., Dh] rows, bool scalar: True where the fallback moved every id).
   """
   r, dh = state.lower.table.shape
   flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
   pos, hit = _probe(state.cached_ids, flat)
-  rank = jnp.cumsum(~hit) - 1  # [N] place of each miss among the misses
+  # Misses sorted by row id, hits (key R) last; each distinct missed row gets an index.
+  key = jnp.where(hit, r, flat)  # [N]
+  order = jnp.argsort(key)  # [N]
+  sorted_key = key[order]
+  first = jnp.concatenate([jnp.ones((1,), bool), sorted_key[1:] != sorted_key[:-1]])
+  first = first & (sorted_key < r)  # [N] the first of each distinct missed row
+  unique_index = jnp.cumsum(first) - 1  # [N], in sorted order
   compact = (
     jnp.zeros((miss_capacity,), jnp.int32)
-    .at[jnp.where(hit, miss_capacity, rank)]
-    .set(flat, mode="drop")
-  )  # [M] missed ids, in order
+    .at[jnp.where(first, unique_index, miss_capacity)]
+    .set(sorted_key, mode="drop")
+  )  # [M] distinct missed rows
+  slot = jnp.zeros_like(flat).at[order].set(unique_index)  # [N] each id's distinct row
 
   def few():
     rows = host.lookup(state.lower, compact, dtype)  # [M, Dh]
-    return jnp.take(rows, jnp.clip(rank, 0, miss_capacity - 1), axis=0)  # [M, Dh] -> [N, Dh]
+    return jnp.take(rows, jnp.clip(slot, 0, miss_capacity - 1), axis=0)  # [M, Dh] -> [N, Dh]
 
   many = lambda: host.lookup(state.lower, flat, dtype)  # [N, Dh]
-  misses = lax.cond(jnp.sum(~hit) > miss_capacity, many, few)
+  overflow = jnp.sum(first) > miss_capacity
+  misses = lax.cond(overflow, many, few)
   rows = jnp.where(hit[:, None], state.cache[pos].astype(dtype), misses)  # [N, Dh]
-  return rows.reshape(*jnp.shape(ids), dh)  # [N, Dh] -> [..., Dh]
+  return rows.reshape(*jnp.shape(ids), dh), overflow  # [N, Dh] -> [..., Dh]
+
+
+def lookup(state: TieredState, ids, miss_capacity: int, dtype=jnp.float32) -> jax.Array:
+  """`lookup_with_route` without the route: [...] ids -> [..., Dh] rows."""
+  return lookup_with_route(state, ids, miss_capacity, dtype)[0]
 
 
 def update(state: TieredState, ids, grads, lr, cfg: OptimConfig) -> TieredState:

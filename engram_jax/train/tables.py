@@ -187,7 +187,8 @@ def _tiered(state: base.TableState, cache: TableCache) -> tiered.TieredState:
 
 
 def _miss_capacity(ids) -> int:
-  """Misses moved per lookup before falling back to moving every id (no id is dropped)."""
+  """Distinct missed rows moved per lookup before falling back to moving every id (no id is
+  dropped)."""
   return max(256, int(np.prod(jnp.shape(ids))) // 4)
 
 
