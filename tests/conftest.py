@@ -8,6 +8,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
 
+# One persistent compilation cache for the session's workers and the scripts they start: the
+# tiny model's jitted steps, compiled by many tests alike, compile once (keyed by the program).
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).parents[1] / ".pytest_cache" / "jax")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import jax
 import pytest
 
