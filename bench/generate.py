@@ -1,9 +1,9 @@
 """Generation speed: cached incremental decoding against re-running the whole sequence.
 
 `Generator.generate` prefills the prompt once and then runs one token per step with the
-attention keys/values and the Engram convolution state cached; the baseline is the same greedy
-loop over `Generator.next_token_logits`, which runs the full forward over the (padded) sequence
-for every new token. Both use the same untrained model of the preset and its Engram tables in
+attention keys/values and the Engram convolution state cached; the baseline,
+`Generator.greedy_without_cache`, runs the full forward over the (padded) sequence for every
+new token. Both use the same untrained model of the preset and its Engram tables in
 the chosen memory backend, produce the same tokens (checked), and run interleaved in one
 process; the script prints tokens/s of each and their ratio.
 
@@ -12,7 +12,6 @@ process; the script prints tokens/s of each and their ratio.
 
 from __future__ import annotations
 
-import numpy as np
 from absl import app, flags
 
 from engram_jax.infer import Generator
@@ -27,32 +26,17 @@ _NEW = flags.DEFINE_integer("new_tokens", 96, "Tokens generated per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls of each method.")
 
 
-def full_forward_generate(gen: Generator, prompt: str, new_tokens: int) -> tuple[str, int]:
-  """Greedy decoding that re-runs the whole sequence for every token (the baseline).
-
-  Returns:
-    (the text generated, the number of tokens generated: fewer than `new_tokens` after EOS).
-  """
-  ids = gen.pipeline.tokenizer.encode(prompt).ids
-  out = list(ids)
-  for _ in range(new_tokens):
-    nxt = int(np.argmax(gen.next_token_logits(out)))
-    out.append(nxt)
-    if nxt == gen.pipeline.special_ids.eos:
-      break
-  return gen.pipeline.tokenizer.decode(out[len(ids) :]), len(out) - len(ids)
-
-
 def measure(preset: str, memory: str, prompt: str, new_tokens: int, repeats: int) -> dict:
   """Times both methods (interleaved, best of `repeats`, after warm-up calls)."""
   gen = Generator.untrained(preset, memory)
   methods = {
     "cached": lambda: gen.generate(prompt, new_tokens),
-    "full_forward": lambda: full_forward_generate(gen, prompt, new_tokens)[0],
+    "full_forward": lambda: gen.greedy_without_cache(prompt, new_tokens),
   }
   # Warm-up (compiles every shape used) and the check that both give the same tokens.
   cached_text = methods["cached"]()
-  full_text, produced = full_forward_generate(gen, prompt, new_tokens)
+  reference = methods["full_forward"]()
+  full_text, produced = gen.pipeline.tokenizer.decode(reference), len(reference)
   if cached_text != full_text:
     raise AssertionError(f"the methods disagree: {cached_text!r} vs {full_text!r}")
   best = best_times(methods, repeats)

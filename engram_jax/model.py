@@ -38,6 +38,14 @@ def _dtype(name: str):
   return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
+def _engram(cfg: ModelConfig, **kwargs) -> Engram:
+  """The Engram layer of `cfg` (unbound unless given a name inside a module)."""
+  e = cfg.engram
+  return Engram(
+    max_ngram_size=e.max_ngram_size, kernel_size=e.kernel_size, dtype=_dtype(cfg.dtype), **kwargs
+  )
+
+
 class BlockCache(NamedTuple):
   """Decoding state of one block: kv (attention keys/values, [B, S, G, Da] each) and conv
   ([B, L, M*D] last Engram convolution inputs; None where the block has no Engram)."""
@@ -52,7 +60,7 @@ DecodeCache = tuple[BlockCache, ...]
 def init_decode_cache(cfg: ModelConfig, batch: int, length: int) -> DecodeCache:
   """An empty decoding cache for sequences of up to `length` tokens (S = length)."""
   dtype = _dtype(cfg.dtype)
-  lag = (cfg.engram.kernel_size - 1) * cfg.engram.max_ngram_size if cfg.engram else 0
+  lag = _engram(cfg).conv_state_length if cfg.engram else 0
   return tuple(
     BlockCache(
       KVCache.zeros(batch, length, cfg.num_kv_heads, cfg.head_dim, dtype),
@@ -99,12 +107,7 @@ class Block(nn.Module):
     if self.layer in cfg.engram_layers:
       if rows is None:
         raise ValueError(f"rows: block {self.layer} is an Engram layer but got no rows")
-      engram = Engram(
-        max_ngram_size=cfg.engram.max_ngram_size,
-        kernel_size=cfg.engram.kernel_size,
-        dtype=dtype,
-        name="engram",
-      )
+      engram = _engram(cfg, name="engram")
       if cache is None:
         y = engram(h, rows)
       else:

@@ -15,11 +15,6 @@ from engram_jax.train.step import checkpoint_tree
 
 
 @pytest.fixture(scope="module")
-def corpus(small_corpus):
-  return small_corpus
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tiny_run):
   workdir, _, results = tiny_run
   return workdir, results
@@ -44,7 +39,7 @@ def test_outputs_written(uninterrupted):
   assert Checkpointer(workdir / "checkpoints").steps() == [3, 6]
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted(corpus, tmp_path, uninterrupted):
+def test_sigterm_saves_and_resume_matches_uninterrupted(small_corpus, tmp_path, uninterrupted):
   full_dir, full = uninterrupted
 
   def stop_at_two(step):
@@ -53,11 +48,11 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(corpus, tmp_path, uninte
 
   with pytest.raises(loop.Interrupted, match="step 2"):
     loop.train(
-      presets.tiny(), tmp_path, corpus_files=(corpus,), progress=False, on_step=stop_at_two
+      presets.tiny(), tmp_path, corpus_files=(small_corpus,), progress=False, on_step=stop_at_two
     )
   assert Checkpointer(tmp_path / "checkpoints").steps() == [2]
   resumed = loop.train(
-    presets.tiny(), tmp_path, corpus_files=(corpus,), progress=False, resume=True
+    presets.tiny(), tmp_path, corpus_files=(small_corpus,), progress=False, resume=True
   )
   want, got = _losses(full_dir), _losses(tmp_path)
   assert sorted(got) == [1, 2, 3, 4, 5, 6]
@@ -85,7 +80,7 @@ def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
   assert restored is not None and restored[0] == 3
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_corpus, tmp_path):
   exp = presets.tiny()
   exp = dataclasses.replace(
     exp,
@@ -93,23 +88,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     train=dataclasses.replace(exp.train, steps=20, checkpoint_every=1, eval_every=100),
   )
   with pytest.raises(loop.TrainingDiverged, match="last good checkpoint"):
-    loop.train(exp, tmp_path, corpus_files=(corpus,), progress=False)
+    loop.train(exp, tmp_path, corpus_files=(small_corpus,), progress=False)
   ckpt = Checkpointer(tmp_path / "checkpoints")
   steps = ckpt.steps()
   assert steps and max(steps) < 20
-  data_cfg = loop.data_config(exp, (corpus,))
+  data_cfg = loop.data_config(exp, (small_corpus,))
   _, trainer = loop.build_trainer(exp, data_cfg)
   abstract = checkpoint_tree(trainer.abstract_state(2, 32))
   _, state, _, _ = ckpt.restore_latest(abstract)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
 
 
-def test_compare_baseline_writes_both(corpus, tmp_path):
+def test_compare_baseline_writes_both(small_corpus, tmp_path):
   exp = presets.tiny()
   exp = dataclasses.replace(
     exp, train=dataclasses.replace(exp.train, steps=2, eval_every=2, checkpoint_every=2)
   )
-  results = compare.train_and_compare(exp, tmp_path, corpus_files=(corpus,), progress=False)
+  results = compare.train_and_compare(exp, tmp_path, corpus_files=(small_corpus,), progress=False)
   assert results["val_loss_difference"] == pytest.approx(
     results["val_loss"] - results["baseline_val_loss"]
   )

@@ -162,6 +162,17 @@ class Generator:
       self._logits(self.params, self.balance, jnp.asarray(tokens, jnp.int32), rows, t - 1)
     )
 
+  def greedy_without_cache(self, prompt: str, max_new_tokens: int) -> list[int]:
+    """The new token ids of greedy decoding that runs `next_token_logits` (the full forward)
+    for every token: the reference of `generate` (same tokens, stops after EOS too)."""
+    ids = self.pipeline.tokenizer.encode(prompt).ids
+    out = list(ids)
+    for _ in range(max_new_tokens):
+      out.append(int(np.argmax(self.next_token_logits(out))))
+      if out[-1] == self.pipeline.special_ids.eos:
+        break
+    return out[len(ids) :]
+
   def generate(
     self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0
   ) -> str:

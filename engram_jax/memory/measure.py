@@ -22,7 +22,8 @@ import numpy as np
 import optax
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, create, device, host, sharded
+from engram_jax.memory import base, create, device, host, sharded, tiered
+from engram_jax.train import plots
 
 _CFG = OptimConfig()
 
@@ -275,9 +276,6 @@ def update_section(cfg: BenchConfig) -> list[str]:
   return out
 
 
-_POLICIES = ("static", "lfu", "lru")
-
-
 def tiered_hit_rates(cfg: BenchConfig) -> list[dict]:
   """Hit rate of each policy against cache size and Zipf exponent.
 
@@ -294,7 +292,7 @@ def tiered_hit_rates(cfg: BenchConfig) -> list[dict]:
     cdf = _zipf_cdf(r, a)
     for frac in cfg.cache_fractions:
       record = {"zipf": a, "fraction": frac, "ideal": float(cdf[round(frac * r) - 1] / cdf[-1])}
-      for policy in _POLICIES:
+      for policy in tiered.POLICIES:
         table = create(
           "tiered",
           num_rows=r,
@@ -324,7 +322,7 @@ def format_hit_rates(cfg: BenchConfig, records: list[dict]) -> list[str]:
     f"measured batches of {cfg.hit_batch_ids:,} ids"
   ]
   for rec in records:
-    rates = "  ".join(f"{p} {rec[p]:.3f}" for p in _POLICIES)
+    rates = "  ".join(f"{p} {rec[p]:.3f}" for p in tiered.POLICIES)
     out.append(
       f"zipf {rec['zipf']:3.1f}  cache {rec['fraction']:5.0%} of rows: hit rate {rates}  "
       f"ideal {rec['ideal']:.3f}"
@@ -332,41 +330,12 @@ def format_hit_rates(cfg: BenchConfig, records: list[dict]) -> list[str]:
   return out
 
 
-def plot_hit_rates(records: list[dict], path) -> None:
-  """One panel per Zipf exponent: hit rate of each policy and the ideal against cache size."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  exponents = sorted({rec["zipf"] for rec in records})
-  fig, axes = plt.subplots(1, len(exponents), figsize=(5 * len(exponents), 4), dpi=110,
-                           squeeze=False, sharey=True)  # fmt: skip
-  for ax, a in zip(axes[0], exponents, strict=True):
-    recs = sorted((rec for rec in records if rec["zipf"] == a), key=lambda rec: rec["fraction"])
-    x = [100 * rec["fraction"] for rec in recs]
-    for name in (*_POLICIES, "ideal"):
-      style = {"linestyle": "--", "color": "gray"} if name == "ideal" else {"marker": "o"}
-      ax.plot(x, [rec[name] for rec in recs], label=name, **style)
-    ax.set_xscale("log")
-    ax.set_xticks(x, [f"{v:g}%" for v in x])
-    ax.set_xlabel("cache size (% of rows)")
-    ax.set_title(f"Zipf exponent {a:g}")
-    ax.grid(alpha=0.3)
-  axes[0, 0].set_ylabel("hit rate")
-  axes[0, 0].legend()
-  fig.suptitle("Tiered cache hit rate by policy")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-
-
 def tiered_section(cfg: BenchConfig) -> list[str]:
   """Hit rate against cache size and Zipf exponent (plotted too if `cfg.hit_rate_plot`)."""
   records = tiered_hit_rates(cfg)
   lines = format_hit_rates(cfg, records)
   if cfg.hit_rate_plot:
-    plot_hit_rates(records, cfg.hit_rate_plot)
+    plots.hit_rates(records, tiered.POLICIES, cfg.hit_rate_plot)
     lines.append(f"hit rates plotted in {cfg.hit_rate_plot}")
   return lines
 

@@ -1,9 +1,9 @@
-"""Loss-curve plots from `metrics.jsonl` files (matplotlib, headless)."""
+"""Plots (matplotlib, headless): loss curves from `metrics.jsonl` files, benchmark figures."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -74,3 +74,28 @@ def compare_curves(runs: Mapping[str, str | Path], out: str | Path, title: str =
 def loss_curve(metrics_path: str | Path, out: str | Path, title: str = "") -> None:
   """Plots one run's training and validation loss."""
   compare_curves({title or "run": metrics_path}, out, title)
+
+
+def hit_rates(records: Sequence[Mapping], policies: Sequence[str], out: str | Path) -> None:
+  """Tiered cache hit rates (`memory.measure.tiered_hit_rates` records): one panel per Zipf
+  exponent, the hit rate of each policy and the ideal against cache size."""
+  exponents = sorted({rec["zipf"] for rec in records})
+  fig, axes = plt.subplots(1, len(exponents), figsize=(5 * len(exponents), 4), dpi=110,
+                           squeeze=False, sharey=True)  # fmt: skip
+  for ax, a in zip(axes[0], exponents, strict=True):
+    recs = sorted((rec for rec in records if rec["zipf"] == a), key=lambda rec: rec["fraction"])
+    x = [100 * rec["fraction"] for rec in recs]
+    for name in (*policies, "ideal"):
+      style = {"linestyle": "--", "color": "gray"} if name == "ideal" else {"marker": "o"}
+      ax.plot(x, [rec[name] for rec in recs], label=name, **style)
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}%" for v in x])
+    ax.set_xlabel("cache size (% of rows)")
+    ax.set_title(f"Zipf exponent {a:g}")
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel("hit rate")
+  axes[0, 0].legend()
+  fig.suptitle("Tiered cache hit rate by policy")
+  fig.tight_layout()
+  fig.savefig(out)
+  plt.close(fig)
