@@ -4,8 +4,7 @@ A table object (`engram_jax.memory.create(kind, ...)`) holds one flat table [R, 
 sparse Adam moments wherever its backend keeps them, and answers:
 
 - `fetch(ids) -> rows [..., Dh]`: ids are flat row ids of any shape (per-head offsets are the
-  `TableLayout`'s job: `layout.row_ids(hash_ids)`); out-of-range ids are clamped to [0, R) like
-  `dispatch.lookup`;
+  `TableLayout`'s job: `layout.row_ids(hash_ids)`);
 - `apply_gradients(ids, grads, lr, optim_cfg)`: lazy Adam on the rows `ids` touched
   (`engram_jax.train.optimizer.sparse_adam_update` semantics);
 - `save(directory)` / `restore(directory)`: orbax checkpoints in one format for every backend,
@@ -13,6 +12,11 @@ sparse Adam moments wherever its backend keeps them, and answers:
 - `stats()`: fetches, rows, bytes moved, hit rates where they apply.
 
 Each backend module also has a pure-functional core for a jitted train step; see its docstring.
+
+Out-of-range ids, the one rule of every backend, object and pure core alike, for any integer
+dtype: ids are range-checked in int64 (never after a narrowing cast, so 2**32 + 5 is out of
+range, not row 5) and clamped to [0, R), or rejected with a ValueError by a table created with
+`out_of_range='raise'` (`prepare_ids`). The pure cores always clamp (`clip_ids`).
 
 Shapes: R table rows, Dh row width, N fetched ids (repeats allowed).
 """
@@ -38,6 +42,9 @@ from engram_jax.memory import checkpoint
 from engram_jax.train.optimizer import TableOptState, init_table_state
 
 KINDS = ("device", "sharded", "host", "tiered")
+# What a table object does with an id outside [0, R): clamp it, or raise a ValueError.
+OUT_OF_RANGE = ("clamp", "raise")
+_INT32 = np.iinfo(np.int32)
 # Rows drawn per random block by `init_rows`: any row range can be generated on its own.
 INIT_BLOCK_ROWS = 1 << 16
 # Rows per task of the threaded host gather.
@@ -106,6 +113,95 @@ def check_ids(ids) -> None:
   dtype = getattr(ids, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
     raise ValueError(f"ids: expected an integer array, got {type(ids).__name__} of {dtype}")
+
+
+def check_out_of_range(out_of_range: str) -> str:
+  """Returns `out_of_range` if it is one of `OUT_OF_RANGE`, else raises ValueError."""
+  if out_of_range not in OUT_OF_RANGE:
+    raise ValueError(f"out_of_range: expected one of {OUT_OF_RANGE}, got {out_of_range!r}")
+  return out_of_range
+
+
+def clip_ids(ids, lo, hi) -> jax.Array:
+  """Integer ids clamped to [lo, hi] and cast to int32, without wrapping (pure; jit it).
+
+  Ids of a dtype wider than int32 (int64 NumPy ids, int64 jax ids under x64, uint32) are first
+  clamped to the int32 range in their own dtype, and only then cast: 2**32 + 5 becomes `hi`,
+  not 5. NumPy ids are never passed through `jnp.asarray` (which, with x64 disabled, casts
+  int64 to int32 by wrapping).
+
+  Args:
+    ids: [...] integer ids: a jax array (traced or not), a NumPy array or Python ints.
+    lo: int32 lower bound: a scalar, or an array of ids' rank (e.g. [1, H] per head).
+    hi: int32 upper bound (>= lo), like `lo`.
+
+  Returns:
+    [...] int32 jax array.
+  """
+  xp = jnp if isinstance(ids, jax.Array) else np
+  ids = xp.asarray(ids)
+  info = np.iinfo(ids.dtype)
+  if info.min < _INT32.min or info.max > _INT32.max:
+    ids = xp.clip(ids, max(info.min, _INT32.min), min(info.max, _INT32.max))
+  return jnp.clip(jnp.asarray(ids.astype(np.int32)), lo, hi)
+
+
+_jit_clip_ids = jax.jit(clip_ids, static_argnums=(1, 2))
+
+
+def _check_range(ids: np.ndarray, num_rows: int) -> None:
+  """Raises ValueError naming the first id of `ids` (NumPy) outside [0, num_rows), if any."""
+  if ids.size == 0 or (ids.min() >= 0 and ids.max() < num_rows):
+    return
+  first = int(np.argmax(((ids < 0) | (ids >= num_rows)).reshape(-1)))
+  where = tuple(int(i) for i in np.unravel_index(first, ids.shape))
+  raise ValueError(
+    f"ids: id {int(ids.reshape(-1)[first])} at index {where} is outside the table's rows "
+    f"[0, {num_rows}) (out_of_range='raise'; 'clamp' clamps it)"
+  )
+
+
+def prepare_ids(ids, num_rows: int, out_of_range: str = "clamp") -> np.ndarray | jax.Array:
+  """Flat row ids as int32 in [0, num_rows): what every table object does with its ids first.
+
+  Host ids (NumPy arrays, Python ints) are range-checked in int64 (at least: uint64 ids above
+  2**63 - 1 saturate there) before any narrowing cast, then clamped to [0, num_rows) or
+  rejected. Jax arrays (already on device; int32 unless x64 is enabled) are clamped in their
+  own dtype, then cast (`clip_ids`, on their device); 'raise' checks their min and max on the
+  host first.
+
+  Args:
+    ids: [...] integer row ids.
+    num_rows: R.
+    out_of_range: 'clamp' (ids below 0 read row 0, ids from R on read row R - 1) or 'raise'.
+
+  Returns:
+    [...] int32 ids in [0, R): a NumPy array for host ids, a jax array for jax ids.
+
+  Raises:
+    ValueError: for non-integer ids, an unknown `out_of_range`, or (with 'raise') an id outside
+      [0, R), naming the first such id, its index and the range.
+  """
+  check_out_of_range(out_of_range)
+  if not hasattr(ids, "dtype"):
+    ids = np.asarray(ids)  # Python ints (int64 in NumPy)
+  check_ids(ids)
+  if isinstance(ids, jax.Array):
+    if out_of_range == "raise" and ids.size:
+      lo, hi = jax.device_get((jnp.min(ids), jnp.max(ids)))
+      if lo < 0 or hi >= num_rows:
+        _check_range(np.asarray(ids), num_rows)
+    return _jit_clip_ids(ids, 0, num_rows - 1)
+  ids = np.asarray(ids)
+  if np.can_cast(ids.dtype, np.int32):  # every value fits int32: checked exactly there
+    exact = ids.astype(np.int32, copy=False)
+  elif ids.dtype == np.uint64:
+    exact = np.minimum(ids, np.uint64(np.iinfo(np.int64).max)).astype(np.int64)
+  else:
+    exact = ids.astype(np.int64, copy=False)
+  if out_of_range == "raise":
+    _check_range(exact, num_rows)
+  return np.clip(exact, 0, num_rows - 1).astype(np.int32, copy=False)
 
 
 def check_grads(ids, grads, dim: int) -> None:
@@ -310,11 +406,13 @@ class MemoryTable(abc.ABC):
     num_rows: R.
     dim: Dh.
     dtype: dtype of the rows `fetch` returns.
+    out_of_range: 'clamp' or 'raise': what `fetch` and `apply_gradients` do with ids outside
+      [0, R) (`prepare_ids`).
   """
 
   kind: str = ""
 
-  def __init__(self, num_rows: int, dim: int, dtype):
+  def __init__(self, num_rows: int, dim: int, dtype, out_of_range: str = "clamp"):
     if not isinstance(num_rows, int) or num_rows < 1:
       raise ValueError(f"num_rows: expected an int >= 1, got {num_rows!r}")
     if not isinstance(dim, int) or dim < 1:
@@ -322,7 +420,12 @@ class MemoryTable(abc.ABC):
     if num_rows >= 2**31:
       raise ValueError(f"num_rows: expected fewer than 2**31 rows (int32 ids), got {num_rows}")
     self.num_rows, self.dim, self.dtype = num_rows, dim, jnp.dtype(dtype)
+    self.out_of_range = check_out_of_range(out_of_range)
     self._stats = Stats()
+
+  def _ids(self, ids) -> np.ndarray | jax.Array:
+    """`prepare_ids` with this table's R and `out_of_range`: int32 ids in [0, R)."""
+    return prepare_ids(ids, self.num_rows, self.out_of_range)
 
   @abc.abstractmethod
   def fetch(self, ids) -> jax.Array:

@@ -67,7 +67,7 @@ def init(rows, device: jax.Device | None = None, trainable: bool = True) -> base
 def lookup(state: base.TableState, ids: jax.Array, implementation: str | None = None):
   """Rows of flat row ids (pure; jit it). ids [...] -> rows [..., Dh], clamped to [0, R)."""
   table = state.table
-  flat = jnp.asarray(ids).astype(jnp.int32).reshape(-1, 1)  # [...] -> [N, 1]
+  flat = base.clip_ids(ids, 0, table.shape[0] - 1).reshape(-1, 1)  # [...] -> [N, 1] int32
   rows = dispatch.lookup(
     table, flat, jnp.zeros((1,), jnp.int32), implementation=implementation
   )  # [N, 1, Dh]
@@ -90,7 +90,7 @@ def update(
     The new state.
   """
   r, dh = state.table.shape
-  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
+  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   table, opt = sparse_adam_update(
     state.table,
     state.opt,
@@ -117,6 +117,7 @@ class DeviceTable(base.MemoryTable):
     implementation: the lookup implementation of the jit engine (see `dispatch`).
     threads: threads of the NumPy gather (default: the CPU count).
     trainable: False keeps no moments (inference).
+    out_of_range: 'clamp' (default) or 'raise' for ids outside [0, R) (`base.prepare_ids`).
   """
 
   kind = "device"
@@ -135,8 +136,9 @@ class DeviceTable(base.MemoryTable):
     implementation: str | None = None,
     threads: int | None = None,
     trainable: bool = True,
+    out_of_range: str = "clamp",
   ):
-    super().__init__(num_rows, dim, dtype)
+    super().__init__(num_rows, dim, dtype, out_of_range)
     if engine not in ENGINES:
       raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     if rows is None:
@@ -156,7 +158,7 @@ class DeviceTable(base.MemoryTable):
       self.engine = "numpy" if base.numpy_view(self.state.table) is not None else "jit"
 
   def fetch(self, ids) -> jax.Array:
-    base.check_ids(ids)
+    ids = self._ids(ids)  # [...] int32 in [0, R)
     if self.engine == "numpy":
       view = base.numpy_view(jax.block_until_ready(self.state.table))
       rows = base.host_fetch(view, ids, self._buffers, self.device, self._threads)
@@ -166,6 +168,7 @@ class DeviceTable(base.MemoryTable):
     return rows
 
   def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
+    ids = self._ids(ids)  # [...] int32 in [0, R)
     base.check_grads(ids, grads, self.dim)
     if self.state.opt is None:
       raise ValueError("apply_gradients: this table was created with trainable=False")

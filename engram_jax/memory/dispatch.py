@@ -13,7 +13,10 @@ passes `implementation=None`, the environment variable `ENGRAM_LOOKUP_IMPL` (pal
 chooses, and 'auto' if it is unset. The choice is made at trace time: a jitted function keeps the
 implementation it was traced with.
 
-Out-of-range rows are clamped to [0, R) by both implementations.
+Out-of-range rows are clamped to [0, R) by both implementations, the rule of every backend
+(`engram_jax.memory.base`): each head's ids are range-checked in their own dtype (int64 ids are
+never cast to int32 first, so 2**32 + 5 is out of range, not row 5) and clamped so that their
+rows land in [0, R).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from engram_jax.memory import base
 from pallas_kernels.lookup import lookup as pallas_lookup
 
 ENV_VAR = "ENGRAM_LOOKUP_IMPL"
@@ -93,13 +98,18 @@ def lookup(
       offsets, or ids whose last axis differs from the number of offsets.
   """
   table = jnp.asarray(table)
-  ids = jnp.asarray(ids)
+  if not isinstance(ids, jax.Array):
+    ids = np.asarray(ids)  # keeps int64 (jnp.asarray would wrap it to int32 with x64 off)
   offsets = jnp.asarray(offsets)
   _check(table, ids, offsets)
   chosen = resolve_implementation(implementation)
   *lead, h = ids.shape
-  flat_ids = ids.astype(jnp.int32).reshape(-1, h)  # [..., H] -> [N, H]
   offsets = offsets.astype(jnp.int32)
+  # Head h's ids clamped to [-offsets[h], R - 1 - offsets[h]] (its rows to [0, R)) in their
+  # own dtype before the int32 cast: [..., H] -> [N, H] int32.
+  flat_ids = base.clip_ids(
+    ids.reshape(-1, h), -offsets[None, :], table.shape[0] - 1 - offsets[None, :]
+  )
   if chosen == "pallas":
     rows = pallas_lookup(table, flat_ids, offsets)
   else:

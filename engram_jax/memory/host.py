@@ -118,7 +118,7 @@ def _host_put(arrays, ids, values):
 def lookup(state: HostState, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
   """Rows of flat row ids, gathered on the host (pure; jit it). ids [...] -> [..., Dh]."""
   r, dh = state.table.shape
-  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
+  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   if state.scale is None:
     (values,) = _host_take([state.table], flat)
     rows = values.astype(dtype)
@@ -135,7 +135,7 @@ def update_rows(state: HostState, ids, grads, lr, cfg: OptimConfig):
   if state.opt is None:
     raise ValueError("update: this host table is read-only (no moments, or int8 storage)")
   r, dh = state.table.shape
-  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
+  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   n = flat.shape[0]
   # [N] -> [N] sorted unique ids padded with R, and each fetched id's slot among them.
   unique, slot = jnp.unique(flat, size=n, fill_value=r, return_inverse=True)
@@ -160,7 +160,7 @@ def update(state: HostState, ids, grads, lr, cfg: OptimConfig) -> HostState:
 
   Args:
     state: a trainable host state.
-    ids: [...] flat row ids that were fetched.
+    ids: [...] flat row ids that were fetched (clamped to [0, R) like the lookup).
     grads: [..., Dh] gradient of the loss w.r.t. each fetched row.
     lr: scalar learning rate.
     cfg: Adam's b1, b2, eps.
@@ -186,6 +186,7 @@ class HostTable(base.MemoryTable):
       (the jitted `lookup`) or 'auto' (numpy where a zero-copy view exists).
     threads: threads of the NumPy gather.
     trainable: False keeps no moments.
+    out_of_range: 'clamp' (default) or 'raise' for ids outside [0, R) (`base.prepare_ids`).
   """
 
   kind = "host"
@@ -204,8 +205,9 @@ class HostTable(base.MemoryTable):
     engine: str = "auto",
     threads: int | None = None,
     trainable: bool = True,
+    out_of_range: str = "clamp",
   ):
-    super().__init__(num_rows, dim, dtype)
+    super().__init__(num_rows, dim, dtype, out_of_range)
     if engine not in ENGINES:
       raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     self.storage = storage or ("bfloat16" if self.dtype == jnp.bfloat16 else "float32")
@@ -242,7 +244,10 @@ class HostTable(base.MemoryTable):
     return values if values.dtype == self.dtype else values.astype(self.dtype)
 
   def fetch(self, ids) -> jax.Array:
-    base.check_ids(ids)
+    return self._fetch(self._ids(ids))
+
+  def _fetch(self, ids) -> jax.Array:
+    """`fetch` of ids already prepared (int32 in [0, R))."""
     n = int(np.prod(np.shape(ids)))
     if self.engine == "numpy":
       rows = self._gather(ids)
@@ -258,12 +263,13 @@ class HostTable(base.MemoryTable):
     compute in inference). `apply_gradients` waits for pending prefetches first; a prefetch
     issued before an update reads the rows as they were before it.
     """
-    ids = np.asarray(ids)
-    future = self._prefetcher.submit(self.fetch, ids)
+    ids = np.asarray(self._ids(ids))  # checked here: a bad id raises in the caller
+    future = self._prefetcher.submit(self._fetch, ids)
     self._pending = [f for f in self._pending if not f.done()] + [future]
     return future
 
   def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
+    ids = self._ids(ids)  # [...] int32 in [0, R)
     base.check_grads(ids, grads, self.dim)
     if not self.trainable:
       raise ValueError(f"apply_gradients: this host table ({self.storage}) is read-only")

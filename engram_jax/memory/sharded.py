@@ -216,7 +216,7 @@ def _constrain(x, spec: ShardSpec, partition: P):
 
 
 def _flat(ids, spec: ShardSpec):
-  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, spec.num_rows - 1)
+  flat = base.clip_ids(ids, 0, spec.num_rows - 1).reshape(-1)  # int32, clamped before the cast
   return _constrain(flat, spec, P(spec.axis))  # [...] -> [N] split over the axis
 
 
@@ -344,6 +344,7 @@ class ShardedTable(base.MemoryTable):
     slack: bucket capacity factor of the all-to-all path (see `ShardSpec`).
     route: 'all_to_all' (default) or 'all_gather'.
     trainable: False keeps no moments.
+    out_of_range: 'clamp' (default) or 'raise' for ids outside [0, R) (`base.prepare_ids`).
   """
 
   kind = "sharded"
@@ -362,8 +363,9 @@ class ShardedTable(base.MemoryTable):
     route: str = "all_to_all",
     init_std: float = 1.0,
     trainable: bool = True,
+    out_of_range: str = "clamp",
   ):
-    super().__init__(num_rows, dim, dtype)
+    super().__init__(num_rows, dim, dtype, out_of_range)
     if mesh is None:
       mesh = jax.make_mesh((jax.device_count(),), ("table",), axis_types=(AxisType.Auto,))
     self.spec = ShardSpec(mesh, axis or mesh.axis_names[0], num_rows, slack, route)
@@ -377,8 +379,9 @@ class ShardedTable(base.MemoryTable):
     self.state = init(fn, self.spec, dim, self.dtype, trainable)
 
   def _pad(self, ids) -> tuple[np.ndarray, int]:
-    """Flat ids padded to a multiple of S with a repeat of the first id (no new row)."""
-    flat = np.asarray(ids).astype(np.int32).reshape(-1)  # [...] -> [N]
+    """Flat prepared ids padded to a multiple of S with a repeat of the first id (no new
+    row)."""
+    flat = np.asarray(ids).reshape(-1)  # [...] -> [N] int32 in [0, R)
     n = flat.shape[0]
     fill = flat[0] if n else 0
     padded = np.full(-(-max(n, 1) // self.spec.shards) * self.spec.shards, fill, np.int32)
@@ -393,7 +396,7 @@ class ShardedTable(base.MemoryTable):
     self._stats.bytes_exchanged += per_device * self.spec.shards
 
   def fetch(self, ids) -> jax.Array:
-    base.check_ids(ids)
+    ids = self._ids(ids)  # [...] int32 in [0, R)
     padded, n = self._pad(ids)
     with jax.set_mesh(self.spec.mesh):
       ids_dev = jax.device_put(padded, self.spec.ids_sharding())
@@ -403,6 +406,7 @@ class ShardedTable(base.MemoryTable):
     return rows
 
   def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
+    ids = self._ids(ids)  # [...] int32 in [0, R)
     base.check_grads(ids, grads, self.dim)
     if self.state.opt is None:
       raise ValueError("apply_gradients: this table was created with trainable=False")

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engram_jax.memory import base
+
 
 @dataclasses.dataclass(frozen=True)
 class TableLayout:
@@ -77,8 +79,14 @@ class TableLayout:
       raise ValueError(f"hash ids: expected an integer array, got dtype {ids.dtype}")
 
   def row_ids(self, ids: jax.Array) -> jax.Array:
-    """Flat row ids: [..., H] -> [..., H] int32 (head j shifted by offsets[j])."""
+    """Flat row ids: [..., H] -> [..., H] int32 (head j shifted by offsets[j]).
+
+    No id wraps: ids of any integer dtype (int64 too) are clamped to the int32 range in their
+    own dtype before the cast, and the sum saturates at 2**31 - 1 instead of overflowing. An
+    id outside its table stays outside [0, R), where the backends clamp (or reject) it.
+    """
     self.check_ids(ids)
-    # [..., H] + [1, ..., 1, H]
+    # [1, ..., 1, H], against ids [..., H]
     offsets = jnp.asarray(self.offsets).reshape((1,) * (ids.ndim - 1) + (self.num_heads,))
-    return ids.astype(jnp.int32) + offsets
+    int32 = np.iinfo(np.int32)
+    return base.clip_ids(ids, int32.min, int32.max - offsets) + offsets

@@ -77,7 +77,7 @@ def lookup_with_route(
     ([..., Dh] rows, bool scalar: True where the fallback moved every id).
   """
   r, dh = state.lower.table.shape
-  flat = jnp.clip(jnp.asarray(ids).astype(jnp.int32).reshape(-1), 0, r - 1)  # [...] -> [N]
+  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   pos, hit = _probe(state.cached_ids, flat)
   # Misses sorted by row id, hits (key R) last; each distinct missed row gets an index.
   key = jnp.where(hit, r, flat)  # [N]
@@ -155,6 +155,8 @@ class TieredTable(base.MemoryTable):
     refresh_every: fetches between online refills.
     count_sample: at most this many ids of each fetch are counted (LFU).
     disk: directory of a table written by `storage.save_memmap` (read-only disk tier).
+    out_of_range: 'clamp' (default) or 'raise' for ids outside [0, R) (`base.prepare_ids`), in
+      `fetch`, `apply_gradients` and `calibrate`.
     Remaining options (storage, engine, threads, trainable, device) go to the host table.
   """
 
@@ -175,9 +177,10 @@ class TieredTable(base.MemoryTable):
     count_sample: int = 1 << 16,
     disk=None,
     device: jax.Device | None = None,
+    out_of_range: str = "clamp",
     **host_options,
   ):
-    super().__init__(num_rows, dim, dtype)
+    super().__init__(num_rows, dim, dtype, out_of_range)
     if policy not in POLICIES:
       raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
     if (cache_rows is None) == (cache_fraction is None):
@@ -262,7 +265,7 @@ class TieredTable(base.MemoryTable):
     """Counts the ids of `batches` (an iterable of int arrays) and fills the cache with the
     C most frequent rows ('lru': the C rows used last)."""
     for ids in batches:
-      flat = np.clip(np.asarray(ids).reshape(-1), 0, self.num_rows - 1)
+      flat = np.asarray(self._ids(ids)).reshape(-1)  # [...] -> [N] int32 in [0, R)
       if self.policy == "lru":
         self._stamp(flat)
       else:
@@ -291,8 +294,8 @@ class TieredTable(base.MemoryTable):
       self._since_refresh = 0
 
   def fetch(self, ids) -> jax.Array:
-    base.check_ids(ids)
-    flat = np.clip(np.asarray(ids).reshape(-1), 0, self.num_rows - 1).astype(np.int32)
+    ids = self._ids(ids)
+    flat = np.asarray(ids).reshape(-1)  # [...] -> [N] int32 in [0, R)
     n = flat.shape[0]
     slots = self.slot_of[flat]  # [N]
     miss_pos = np.flatnonzero(slots < 0)  # [M]
@@ -333,11 +336,12 @@ class TieredTable(base.MemoryTable):
     return rows
 
   def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
+    ids = self._ids(ids)  # [...] int32 in [0, R)
     base.check_grads(ids, grads, self.dim)
     if self.lower is None or not self.lower.trainable:
       raise ValueError("apply_gradients: this tiered table is read-only (disk or int8 tier)")
     self.lower.apply_gradients(ids, grads, lr, optim_cfg)
-    touched = np.unique(np.clip(np.asarray(ids).reshape(-1), 0, self.num_rows - 1))
+    touched = np.unique(np.asarray(ids).reshape(-1))  # [U] sorted rows
     cached = touched[self.slot_of[touched] >= 0]
     if cached.size:
       self.cache = _write_through(
