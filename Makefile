@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 train: $(STAMP)
-	$(PY) -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --compare_baseline
+	$(PY) -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --compare_baseline --resume
 
 demo: $(STAMP)
 	$(PY) -m experiments.quickstart

@@ -7,6 +7,7 @@ Every config is a frozen dataclass that checks its invariants in `__post_init__`
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Sequence
 
 
@@ -392,6 +393,10 @@ class TrainConfig:
     log_every: steps between metric records.
     checkpoint_every: steps between checkpoints.
     val_fraction: share of the corpus held out for validation.
+    spike_factor: training stops (`TrainingDiverged`) when a step's loss exceeds this multiple
+      of the median of the last `spike_window` losses (after warm-up); 0 disables the check
+      (NaN and inf always stop training).
+    spike_window: steps in that running median.
   """
 
   steps: int = 300
@@ -403,6 +408,8 @@ class TrainConfig:
   log_every: int = 10
   checkpoint_every: int = 100
   val_fraction: float = 0.02
+  spike_factor: float = 4.0
+  spike_window: int = 50
 
   def __post_init__(self):
     for name in (
@@ -413,10 +420,17 @@ class TrainConfig:
       "eval_batches",
       "log_every",
       "checkpoint_every",
+      "spike_window",
     ):
       value = getattr(self, name)
       _check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
     _check(0 < self.val_fraction < 1, "val_fraction", "a fraction in (0, 1)", self.val_fraction)
+    _check(
+      self.spike_factor == 0 or self.spike_factor > 1,
+      "spike_factor",
+      "0 (off) or a multiple > 1 of the running median loss",
+      self.spike_factor,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,3 +451,29 @@ class ExperimentConfig:
         f"at least the n-gram order max_ngram_size={engram.max_ngram_size}",
         self.train.seq_len,
       )
+
+
+def experiment_from_dict(data: dict) -> ExperimentConfig:
+  """The experiment of `dataclasses.asdict(exp)` read back from JSON (lists become tuples).
+
+  Raises:
+    ValueError: a field that is not part of the config, or a value its validation rejects.
+  """
+  return _from_dict(ExperimentConfig, data)
+
+
+def _from_dict(cls, data: dict):
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - names)
+  _check(not unknown, cls.__name__, f"only the fields {sorted(names)}", unknown)
+  values = {}
+  for name, value in data.items():
+    if isinstance(value, dict):
+      types = (hints[name], *typing.get_args(hints[name]))
+      sub = next(t for t in types if dataclasses.is_dataclass(t))
+      value = _from_dict(sub, value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    values[name] = value
+  return cls(**values)

@@ -2,15 +2,28 @@
 
 python -m experiments.generate --workdir=runs/cpu_small/engram --prompt="And God said"
 python -m experiments.generate --workdir=runs/cpu_small/engram --memory=tiered
+
+The model, tokenizer and corpus are the run's (from its run.json); --tokenizer, --corpus and
+--preset override them. Exit codes: 0 done, 1 error, 2 usage.
 """
+
+import sys
 
 from absl import app, flags, logging
 
-from engram_jax import presets
+from engram_jax import errors, presets
 from engram_jax.infer import Generator
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cpu_small/engram", "A training run's folder.")
-_PRESET = flags.DEFINE_string("preset", "cpu_small", f"The run's preset: {sorted(presets.PRESETS)}")
+_PRESET = flags.DEFINE_string(
+  "preset", None, f"The run's preset (default: from its run.json): {sorted(presets.PRESETS)}"
+)
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer", None, "The run's tokenizer.json (default: the one recorded in its run.json)."
+)
+_CORPUS = flags.DEFINE_multi_string(
+  "corpus", None, "Corpus files that calibrate a tiered cache (default: the run's)."
+)
 _PROMPT = flags.DEFINE_string("prompt", "And God said", "Text to continue.")
 _TOKENS = flags.DEFINE_integer("max_new_tokens", 40, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; else sampling temperature.")
@@ -27,14 +40,21 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   options = {"cache_fraction": _CACHE.value} if _MEMORY.value == "tiered" else {}
   try:
-    gen = Generator.from_checkpoint(_WORKDIR.value, _PRESET.value, _MEMORY.value, **options)
+    gen = Generator.from_checkpoint(
+      _WORKDIR.value,
+      _PRESET.value,
+      _MEMORY.value,
+      corpus_files=_CORPUS.value,
+      tokenizer_file=_TOKENIZER.value,
+      **options,
+    )
     text = gen.generate(_PROMPT.value, _TOKENS.value, _TEMPERATURE.value, _SEED.value)
-  except (FileNotFoundError, ValueError) as e:
-    raise app.UsageError(str(e)) from e
+  except Exception as e:  # one line; the traceback goes to a log file
+    sys.exit(errors.report("generate", e, None))
   print(_PROMPT.value + text)
   for layer, table in gen.tables.items():
     print(f"layer {layer} table ({_MEMORY.value}): {table.stats()}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser("generate"))

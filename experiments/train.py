@@ -3,7 +3,11 @@
     python -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --compare_baseline
     python -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --resume
 
-Writes metrics.jsonl, results.json, a loss-curve PNG and orbax checkpoints into --workdir.
+Writes run.json, metrics.jsonl, results.json, a loss-curve PNG and orbax checkpoints into
+--workdir. A workdir that holds a run is refused unless --resume (continue it) or --overwrite
+(move it aside) is given. Exit codes: 0 done, 1 error (one line; the traceback is in
+WORKDIR/error.log), 2 usage (nothing changed), 75 interrupted after saving a checkpoint (rerun
+the same command with --resume).
 """
 
 import dataclasses
@@ -14,7 +18,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from engram_jax import presets
+from engram_jax import errors, presets
 from engram_jax.train import compare, loop, tables
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", f"One of {sorted(presets.PRESETS)}.")
@@ -29,7 +33,24 @@ _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per sequence.")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of parameters, tables and data order.")
 _CKPT = flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
 _EVAL = flags.DEFINE_integer("eval_every", None, "Steps between validation passes.")
-_RESUME = flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --workdir.")
+_RESUME = flags.DEFINE_bool(
+  "resume",
+  False,
+  "Continue the run in --workdir from its newest good checkpoint (a missing or empty workdir "
+  "starts a new run, so a preempted job can be restarted with the same command).",
+)
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite", False, "Move a run already in --workdir aside to WORKDIR.old-<time>; start anew."
+)
+_LR = flags.DEFINE_float("learning_rate", None, "Peak learning rate of the backbone.")
+_TABLE_LR = flags.DEFINE_float(
+  "engram_lr_mult", None, "The Engram tables' learning rate as a multiple of --learning_rate."
+)
+_SPIKE = flags.DEFINE_float(
+  "spike_factor",
+  None,
+  "Stop when a loss exceeds this multiple of the running median (0: only NaN/inf stop).",
+)
 _BASELINE = flags.DEFINE_bool(
   "compare_baseline", False, "Also train the iso-parameter MoE baseline and compare."
 )
@@ -49,21 +70,50 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (hosts) 
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+def _overrides(pairs) -> dict:
+  return {name: flag.value for name, flag in pairs if flag.value is not None}
+
+
 def _experiment():
   exp = presets.get(_PRESET.value)
-  overrides = {
-    name: flag.value
-    for name, flag in (
+  train = _overrides(
+    (
       ("steps", _STEPS),
       ("batch_size", _BATCH),
       ("seq_len", _SEQ),
       ("seed", _SEED),
       ("checkpoint_every", _CKPT),
       ("eval_every", _EVAL),
+      ("spike_factor", _SPIKE),
     )
-    if flag.value is not None
-  }
-  return dataclasses.replace(exp, train=dataclasses.replace(exp.train, **overrides))
+  )
+  optim = _overrides((("lr", _LR), ("engram_lr_mult", _TABLE_LR)))
+  return dataclasses.replace(
+    exp,
+    train=dataclasses.replace(exp.train, **train),
+    optim=dataclasses.replace(exp.optim, **optim),
+  )
+
+
+def _check_flags():
+  """The experiment, after the checks that need no data (usage errors: exit 2)."""
+  exp = _experiment()
+  missing = [p for p in _CORPUS.value if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"--corpus: file(s) not found: {missing}")
+  if _TOKENIZER.value and not os.path.isfile(_TOKENIZER.value):
+    raise FileNotFoundError(f"--tokenizer: file not found: {_TOKENIZER.value}")
+  if _RESUME.value and _OVERWRITE.value:
+    raise ValueError("--resume and --overwrite contradict each other: pass one of them")
+  if _COORDINATOR.value:
+    # Every process runs the same deterministic pipeline; each feeds its own devices' part.
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  tables.Placement(_MEMORY.value, tables.make_mesh(_MESH.value))
+  if exp.train.batch_size % _MESH.value:
+    raise ValueError(
+      f"--batch_size: expected a multiple of --mesh={_MESH.value}, got {exp.train.batch_size}"
+    )
+  return exp
 
 
 def main(argv):
@@ -71,26 +121,14 @@ def main(argv):
   # Keep the terminal for the progress bar: orbax logs every save at INFO.
   logging.set_verbosity(logging.WARNING)
   try:
-    exp = _experiment()
-    missing = [p for p in _CORPUS.value if not os.path.isfile(p)]
-    if missing:
-      raise FileNotFoundError(f"--corpus: file(s) not found: {missing}")
-    if _TOKENIZER.value and not os.path.isfile(_TOKENIZER.value):
-      raise FileNotFoundError(f"--tokenizer: file not found: {_TOKENIZER.value}")
-    if _COORDINATOR.value:
-      # Every process runs the same deterministic pipeline; each feeds its own devices' part.
-      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    tables.Placement(_MEMORY.value, tables.make_mesh(_MESH.value))
-    if exp.train.batch_size % _MESH.value:
-      raise ValueError(
-        f"--batch_size: expected a multiple of --mesh={_MESH.value}, got {exp.train.batch_size}"
-      )
+    exp = _check_flags()
   except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+    errors.usage_exit("train", str(e))
   kwargs = dict(
     corpus_files=tuple(_CORPUS.value),
     tokenizer_file=_TOKENIZER.value,
     resume=_RESUME.value,
+    overwrite=_OVERWRITE.value,
     memory=_MEMORY.value,
     mesh_devices=_MESH.value,
   )
@@ -101,9 +139,9 @@ def main(argv):
     else:
       results = loop.train(exp, _WORKDIR.value, label=exp.name, **kwargs)
       print(json.dumps({k: results[k] for k in ("val_loss", "tokens_per_sec")}, indent=2))
-  except (loop.TrainingDiverged, loop.Interrupted) as e:
-    sys.exit(f"{type(e).__name__}: {e}")
+  except Exception as e:  # every failure is one line; the traceback goes to error.log
+    sys.exit(errors.report("train", e, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser("train"))

@@ -57,3 +57,23 @@ def tiny_run(small_corpus, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_run")
   results = loop.train(presets.tiny(), workdir, corpus_files=(small_corpus,), progress=False)
   return workdir, (small_corpus,), results
+
+
+@pytest.fixture
+def finished_run(tiny_run, tmp_path):
+  """A copy of the shared finished `tiny` run that a test may change: (workdir, corpus file,
+  results)."""
+  import shutil
+
+  workdir, (corpus,), results = tiny_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  return copy, corpus, results
+
+
+def tree_snapshot(path):
+  """(relative path, size, mtime) of everything under `path`: equal snapshots mean that
+  nothing was changed."""
+  return sorted(
+    (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")
+  )

@@ -25,12 +25,17 @@ def _run(*args):
     (["--memory=sharded"], "expected a mesh of several devices"),
     (["--mesh=999"], "mesh: expected 1.."),
     (["--memory=disk"], "--memory"),
+    (["--steps=abc"], "--steps"),
+    (["--learning_rate=-1"], "lr: expected a positive learning rate"),
+    (["--spike_factor=0.5"], "spike_factor: expected 0 (off) or a multiple > 1"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
   ],
 )
 def test_train_flag_errors(tmp_path, flags, message):
   r = _run("experiments.train", f"--workdir={tmp_path}", *flags)
-  assert r.returncode != 0
-  assert message in r.stderr
+  assert r.returncode == 2
+  (line,) = r.stderr.strip().splitlines()  # the one message, not the flags' help
+  assert line.startswith("train: ") and message in line and line.endswith("see --help")
 
 
 def test_quickstart_rows():

@@ -1,9 +1,12 @@
 """Tests for engram_jax/infer/generate.py: the same text from every memory backend."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engram_jax.data import default_tokenizer_path
 from engram_jax.infer import Generator
 
 
@@ -65,3 +68,61 @@ def test_errors(trained, tmp_path):
   gen = Generator.from_checkpoint(workdir, "tiny", "device", corpus_files=corpus)
   with pytest.raises(ValueError, match="prompt"):
     gen.generate("", 3)
+
+
+def test_serves_a_run_from_its_record(trained):
+  workdir, corpus = trained
+  recorded = Generator.from_checkpoint(workdir)  # model, tokenizer and corpus from run.json
+  explicit = Generator.from_checkpoint(workdir, "tiny", "device", corpus_files=corpus)
+  assert recorded.trainer.model_cfg == explicit.trainer.model_cfg
+  assert recorded.generate("And God said", 5) == explicit.generate("And God said", 5)
+
+
+def test_serves_a_run_with_its_own_tokenizer(small_corpus, tmp_path):
+  from engram_jax import presets
+  from engram_jax.data import tokenizer_train
+  from engram_jax.train import loop
+
+  tokenizer = tmp_path / "tokenizer.json"
+  tokenizer_train.train_tokenizer(small_corpus, 600, tokenizer, show_progress=False)
+  exp = presets.tiny()
+  exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2, eval_every=2))
+  run = tmp_path / "run"
+  loop.train(exp, run, corpus_files=(small_corpus,), tokenizer_file=str(tokenizer), progress=False)
+  gen = Generator.from_checkpoint(run)
+  assert gen.pipeline.tokenizer.get_vocab_size() == gen.trainer.model_cfg.vocab_size <= 600
+  assert isinstance(gen.generate("And God said", 3), str)
+  with pytest.raises(ValueError, match=r"has 8192 ids; the run .* vocabulary of \d+"):
+    Generator.from_checkpoint(run, tokenizer_file=str(default_tokenizer_path()))
+  tokenizer.rename(tmp_path / "elsewhere.json")
+  with pytest.raises(FileNotFoundError, match=r"tokenizer .* is missing; pass it with --tokenizer"):
+    Generator.from_checkpoint(run)
+  assert Generator.from_checkpoint(run, tokenizer_file=str(tmp_path / "elsewhere.json"))
+
+
+def test_generate_script_reports_one_line(trained, tmp_path):
+  import subprocess
+  import sys
+
+  workdir, _ = trained
+  r = subprocess.run(
+    [sys.executable, "-m", "experiments.generate", f"--workdir={workdir}", "--max_new_tokens=3"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.generate",
+      f"--workdir={workdir}",
+      f"--tokenizer={tmp_path / 'none.json'}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("generate: ")

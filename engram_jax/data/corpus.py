@@ -77,6 +77,8 @@ def read_text(path: PathLike) -> str:
 
   Raises:
     FileNotFoundError: the file does not exist (the message names it).
+    ValueError: the file is not UTF-8 text (the message names the file and the byte offset),
+      or a `.gz`/`.xz` file does not decompress.
   """
   path = Path(path)
   if not path.is_file():
@@ -88,8 +90,22 @@ def read_text(path: PathLike) -> str:
     opener = lzma.open
   else:
     opener = open
-  with opener(path, "rt", encoding="utf-8") as f:
-    return f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, lzma.LZMAError) as e:
+    if suffix in (".gz", ".xz") and not isinstance(e, FileNotFoundError | PermissionError):
+      raise ValueError(f"corpus file {str(path)!r} is not a valid {suffix} file: {e}") from e
+    raise
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    where = " (after decompression)" if suffix in (".gz", ".xz") else ""
+    raise ValueError(
+      f"corpus file {str(path)!r} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
+      f"{e.start}{where} ({e.reason}); expected a UTF-8 text file"
+    ) from None
+  return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
 
 
 def read_corpus(paths: PathLike | Sequence[PathLike]) -> list[str]:

@@ -270,8 +270,9 @@ class Pipeline:
 
 
 def _too_small(split: str, n_windows: int, n_tokens: int, config: DataConfig) -> ValueError:
+  files = ", ".join(str(p) for p in config.corpus_paths())
   return ValueError(
-    f"the {split} split has {n_tokens} tokens = {n_windows} windows of seq_len + 1 = "
+    f"the {split} split of {files} has {n_tokens} tokens = {n_windows} windows of seq_len + 1 = "
     f"{config.seq_len + 1} tokens, fewer than one batch of batch_size = {config.batch_size}; "
     "use a smaller seq_len or batch_size, a different val_fraction, or more text"
   )

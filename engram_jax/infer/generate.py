@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import memory, presets
+from engram_jax.config import experiment_from_dict
 from engram_jax.data import encode_corpus
 from engram_jax.model import init_decode_cache
-from engram_jax.train import loop
+from engram_jax.tokenization import load_tokenizer
+from engram_jax.train import loop, rundir
 from engram_jax.train import tables as tables_lib
 from engram_jax.train.checkpoint import Checkpointer
 from engram_jax.train.step import Trainer, checkpoint_tree, from_checkpoint_tree, table_key
@@ -36,6 +38,14 @@ _BUCKET = 64
 
 def _bucket(n: int) -> int:
   return -(-n // _BUCKET) * _BUCKET
+
+
+def _recorded_file(entry: dict, what: str, flag: str) -> str:
+  """The path of a file recorded in run.json, which must still exist."""
+  path = entry["path"]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"the run's {what} {path} is missing; pass it with {flag}")
+  return path
 
 
 @dataclasses.dataclass
@@ -60,24 +70,52 @@ class Generator:
   def from_checkpoint(
     cls,
     workdir: str | os.PathLike,
-    preset: str,
+    preset: str | None = None,
     memory_kind: str = "device",
-    corpus_files=(),
+    corpus_files=None,
     tokenizer_file: str | None = None,
     **memory_options,
   ) -> Generator:
-    """Loads the newest checkpoint of a run and puts its tables into `memory_kind` tables.
+    """Loads the newest good checkpoint of a run and puts its tables into `memory_kind` tables.
+
+    The model, tokenizer and corpus (which calibrates a tiered cache) are the run's, read from
+    its `run.json`; `preset`, `corpus_files` and `tokenizer_file` override them (a run of an
+    older version, without run.json, needs `preset` and the files it was trained with).
+    Checkpoints are verified as in training but never moved: a corrupt step is skipped.
 
     Raises:
-      FileNotFoundError: no readable checkpoint in `workdir`.
+      FileNotFoundError: no checkpoint in `workdir`, or a recorded file is missing.
+      ValueError: no run.json and no preset; a tokenizer whose vocabulary is not the run's.
+      CheckpointMismatch, NoGoodCheckpoint: see `Checkpointer.restore_latest`.
     """
-    exp = presets.get(preset)
-    data_cfg = loop.data_config(exp, corpus_files, tokenizer_file)
-    pipeline, trainer = loop.build_trainer(exp, data_cfg, encode_corpus(data_cfg))
-    ckpt_dir = Path(workdir) / "checkpoints"
+    workdir = Path(workdir)
+    ckpt_dir = workdir / rundir.CHECKPOINTS
     if not ckpt_dir.is_dir():
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train the preset first")
-    ckpt = Checkpointer(ckpt_dir)
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train a run there first")
+    record = rundir.read_run(workdir)
+    if preset is not None:
+      exp = presets.get(preset)
+    elif record is not None:
+      exp = experiment_from_dict(record["config"])
+    else:
+      raise ValueError(f"{workdir} has no {rundir.RUN_FILE} (an older run): pass its --preset")
+    if tokenizer_file is None and record is not None:
+      tokenizer_file = _recorded_file(record["tokenizer"], "tokenizer", "--tokenizer")
+    if corpus_files is None:
+      corpus_files = (
+        [_recorded_file(f, "corpus file", "--corpus") for f in record["corpus"]] if record else ()
+      )
+    data_cfg = loop.data_config(exp, corpus_files, tokenizer_file)
+    vocab = load_tokenizer(data_cfg.tokenizer_path()).get_vocab_size()
+    trained_vocab = record["config"]["model"]["vocab_size"] if record else vocab
+    if vocab != trained_vocab:
+      raise ValueError(
+        f"tokenizer {data_cfg.tokenizer_path()} has {vocab} ids; the run in {workdir} was "
+        f"trained with a vocabulary of {trained_vocab} (its tokenizer: "
+        f"{record['tokenizer']['path']}); pass that tokenizer with --tokenizer"
+      )
+    pipeline, trainer = loop.build_trainer(exp, data_cfg, encode_corpus(data_cfg))
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
     try:
       t = exp.train
       abstract = checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
@@ -85,7 +123,7 @@ class Generator:
     finally:
       ckpt.close()
     if restored is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir} restores as preset {preset!r}")
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train a run there first")
     state = from_checkpoint_tree(restored[1])
     return cls._from_state(trainer, pipeline, state, memory_kind, memory_options)
 

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import jax
+from absl import logging
 
 from engram_jax import presets
 from engram_jax.config import ExperimentConfig
 from engram_jax.data import encode_corpus
-from engram_jax.train import loop, plots
+from engram_jax.errors import UsageRefused
+from engram_jax.train import loop, plots, rundir
 
 
 def train_and_compare(
@@ -20,11 +22,15 @@ def train_and_compare(
   corpus_files=(),
   tokenizer_file: str | None = None,
   resume: bool = False,
+  overwrite: bool = False,
   progress: bool = True,
   memory: str = "device",
   mesh_devices: int = 1,
 ) -> dict:
   """Trains `exp` in `workdir/engram` and its baseline in `workdir/baseline`.
+
+  Both runs are checked (`loop.prepare`) before either trains; `overwrite` moves the whole
+  comparison folder aside.
 
   Returns:
     The Engram run's results plus `baseline_val_loss`, `val_loss_difference` (Engram minus
@@ -33,8 +39,18 @@ def train_and_compare(
   """
   workdir = Path(workdir)
   baseline = presets.baseline_of(exp)
+  data_cfg = loop.data_config(exp, corpus_files, tokenizer_file)
+  runs = ((exp, workdir / "engram"), (baseline, workdir / "baseline"))
+  if resume and overwrite:
+    raise UsageRefused("--resume and --overwrite contradict each other: pass one of them")
+  if overwrite and jax.process_index() == 0:
+    contents = rundir.run_contents(workdir) + [x for _, d in runs for x in rundir.run_contents(d)]
+    if contents:
+      logging.warning("--overwrite: moved the old runs aside to %s", rundir.move_aside(workdir))
+  for e, d in runs:  # refuse before anything trains
+    loop.prepare(e, d, data_cfg, resume=resume, memory=memory, mesh_devices=mesh_devices)
   # Encode the corpus once: both runs see exactly the same token stream and batches.
-  tokens = encode_corpus(loop.data_config(exp, corpus_files, tokenizer_file))
+  tokens = encode_corpus(data_cfg)
   common = dict(
     corpus_files=corpus_files,
     tokenizer_file=tokenizer_file,
@@ -52,7 +68,7 @@ def train_and_compare(
   results["baseline"] = theirs
   if jax.process_index() == 0:  # multi-host: one process writes
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    rundir.atomic_write(workdir / rundir.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     plots.compare_curves(
       {
         exp.name: workdir / "engram" / "metrics.jsonl",

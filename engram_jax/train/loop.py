@@ -1,19 +1,24 @@
 """The training loop: data -> jitted steps -> metrics, evaluation, checkpoints, results.
 
-`train(exp, workdir, ...)` writes into `workdir`:
+`train(exp, workdir, ...)` writes into `workdir` (see `rundir` for the rules):
+  run.json        the run's identity (preset, resolved config, data files and their sha256, ...)
   metrics.jsonl   one JSON object per logged step ({"step", "loss", "lr", ...}) and per
                   evaluation ({"step", "val_loss"})
-  checkpoints/    orbax checkpoints (state + data iterator + config)
+  checkpoints/    orbax checkpoints (state + data iterator + config + checksums)
   results.json    final validation loss, throughput, parameter accounting
   loss_curve.png  training and validation loss against step
 
-It survives interruption: SIGTERM (and Ctrl-C) save a checkpoint before exiting, `resume=True`
-continues from the newest readable checkpoint with the same data order, and a NaN/inf loss
-stops training without overwriting the last good checkpoint.
+It never loses a run: a workdir that holds one is refused without `resume` (or moved aside with
+`overwrite`); `resume=True` checks the recorded identity, restores the newest checkpoint that
+passes verification (corrupt ones are moved to `checkpoints/corrupt/`) and continues with the
+same data order, bit-exactly; SIGTERM (and Ctrl-C) save a checkpoint before exiting; a NaN/inf
+loss, or one far above its running median, stops training and moves the checkpoints saved from
+the step before it to `checkpoints/diverged/`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -30,24 +35,20 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from engram_jax import errors
 from engram_jax import params as params_lib
 from engram_jax.config import ExperimentConfig
 from engram_jax.data import DataConfig, build_pipeline, encode_corpus
+from engram_jax.errors import Interrupted, TrainingDiverged, UsageRefused
 from engram_jax.hashing import NgramHasher
 from engram_jax.memory.table import TableLayout
-from engram_jax.tokenization import TokenizerCompressor
-from engram_jax.train import plots
+from engram_jax.tokenization import TokenizerCompressor, load_tokenizer
+from engram_jax.train import plots, rundir
 from engram_jax.train import tables as tables_lib
-from engram_jax.train.checkpoint import Checkpointer
+from engram_jax.train.checkpoint import DIVERGED, Checkpointer, SaveFailed
 from engram_jax.train.step import Trainer, checkpoint_tree, from_checkpoint_tree
 
-
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite."""
-
-
-class Interrupted(RuntimeError):
-  """Training stopped on a signal after saving a checkpoint."""
+__all__ = ["Interrupted", "TrainingDiverged", "prepare", "train"]
 
 
 def engram_hashing(model_cfg, tokenizer) -> tuple[Callable | None, dict[int, TableLayout]]:
@@ -130,21 +131,91 @@ class _SignalGuard:
       signal.signal(sig, old)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+class SpikeDetector:
+  """Flags a loss far above the median of the recent ones (after warm-up).
+
+  Args:
+    factor: a loss above `factor` x the running median is a spike; 0 disables.
+    window: how many recent losses the median is over.
+    after_step: no check up to this step (the warm-up, when the loss moves fast).
+  """
+
+  MIN_HISTORY = 10  # losses needed before the median is trusted
+
+  def __init__(self, factor: float, window: int, after_step: int):
+    self.factor, self.after_step = factor, after_step
+    self.recent: collections.deque[float] = collections.deque(maxlen=window)
+
+  def check(self, step: int, loss: float) -> str | None:
+    """None, or why `loss` at `step` is a spike; the loss joins the history otherwise."""
+    if (
+      self.factor
+      and step > self.after_step
+      and len(self.recent) >= min(self.MIN_HISTORY, self.recent.maxlen)
+    ):
+      median = float(np.median(self.recent))
+      if loss > self.factor * median:
+        return (
+          f"loss {loss:.4g} at step {step} is above {self.factor:g}x the median {median:.4g} "
+          f"of the last {len(self.recent)} steps"
+        )
+    self.recent.append(loss)
+    return None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-  """Drops records after `step` (written after the checkpoint a resumed run restarts from)."""
-  if not path.exists():
-    return
-  keep = [
-    line
-    for line in path.read_text().splitlines()
-    if line.strip() and json.loads(line)["step"] <= step
-  ]
-  path.write_text("".join(line + "\n" for line in keep))
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What `prepare` decided: the run's identity, whether to resume, and lines to announce."""
+
+  record: dict
+  resume: bool
+  notes: tuple[str, ...]
+
+
+def resolved(exp: ExperimentConfig, data_cfg: DataConfig) -> ExperimentConfig:
+  """The experiment with the model's vocabulary set to the tokenizer's."""
+  vocab = load_tokenizer(data_cfg.tokenizer_path()).get_vocab_size()
+  return dataclasses.replace(exp, model=dataclasses.replace(exp.model, vocab_size=vocab))
+
+
+def prepare(
+  exp: ExperimentConfig,
+  workdir: str | os.PathLike,
+  data_cfg: DataConfig,
+  *,
+  resume: bool,
+  overwrite: bool = False,
+  memory: str = "device",
+  mesh_devices: int = 1,
+) -> Prepared:
+  """Checks that a run may start (or resume) in `workdir`, changing nothing unless
+  `overwrite` moves an old run aside.
+
+  Raises:
+    UsageRefused: `resume` with `overwrite`.
+    RunExists: the workdir holds a run, without `resume` or `overwrite`.
+    RunMismatch: `resume` with settings that change the recorded run's model or data, or
+      `steps` below its newest checkpoint.
+  """
+  if resume and overwrite:
+    raise UsageRefused("--resume and --overwrite contradict each other: pass one of them")
+  workdir = Path(workdir)
+  record = rundir.identity(
+    resolved(exp, data_cfg), data_cfg, memory=memory, mesh_devices=mesh_devices
+  )
+  contents = rundir.run_contents(workdir)
+  notes = []
+  if resume and not contents:
+    notes.append(f"--resume: no run in {workdir}; starting a new one")
+    resume = False
+  elif resume:
+    notes += rundir.check_resume(workdir, record)
+  elif contents:
+    if not overwrite:
+      raise rundir.refuse_existing(workdir, contents)
+    if jax.process_index() == 0:
+      notes.append(f"--overwrite: moved the old run aside to {rundir.move_aside(workdir)}")
+  return Prepared(record, resume, tuple(notes))
 
 
 def evaluate(eval_step, state, pipeline, trainer: Trainer) -> dict:
@@ -167,6 +238,7 @@ def train(
   corpus_files=(),
   tokenizer_file: str | None = None,
   resume: bool = False,
+  overwrite: bool = False,
   tokens: np.ndarray | None = None,
   progress: bool = True,
   label: str = "train",
@@ -181,34 +253,53 @@ def train(
     workdir: output folder.
     corpus_files: text files; empty: the embedded corpus.
     tokenizer_file: a tokenizer.json; None: the embedded tokenizer.
-    resume: continue from the newest readable checkpoint in `workdir` (up to `exp.train.steps`).
+    resume: continue the run in `workdir` from its newest good checkpoint (up to
+      `exp.train.steps`); a missing or empty workdir starts a new run.
+    overwrite: move a run already in `workdir` aside to `workdir.old-<time>` and start anew.
     tokens: an already-encoded corpus (to share one encoding between runs).
     progress: show a progress bar.
     label: the progress bar's name.
     on_step: called with the step number after every step (e.g. to stop from a notebook).
-    memory: where the Engram tables live: 'device', 'host' or 'sharded'.
+    memory: where the Engram tables live: 'device', 'host', 'sharded' or 'tiered'.
     mesh_devices: devices of the data-parallel mesh (1: no mesh).
 
   Raises:
-    TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
+    RunExists, RunMismatch, UsageRefused: see `prepare` (nothing changed).
+    CheckpointMismatch: the newest checkpoint holds another model.
+    NoGoodCheckpoint: checkpoints exist but none passes verification.
+    TrainingDiverged: the loss became NaN/inf or spiked (checkpoints from the step before are
+      moved to `checkpoints/diverged/`; earlier ones are kept).
     Interrupted: SIGTERM/SIGINT arrived; a checkpoint of the last finished step was saved.
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   # With several processes (multi-host) every process trains; process 0 alone writes the
   # metrics, results and plot (orbax coordinates the checkpoints itself).
   primary = jax.process_index() == 0
   data_cfg = data_config(exp, corpus_files, tokenizer_file)
+  prepared = prepare(
+    exp,
+    workdir,
+    data_cfg,
+    resume=resume,
+    overwrite=overwrite,
+    memory=memory,
+    mesh_devices=mesh_devices,
+  )
+  _barrier("prepare")
+  if primary:
+    for note in prepared.notes:
+      logging.warning("%s", note)
   if tokens is None:
     tokens = encode_corpus(data_cfg)
   placement = tables_lib.Placement(memory, tables_lib.make_mesh(mesh_devices))
   pipeline, trainer = build_trainer(exp, data_cfg, tokens, placement)
   t = exp.train
+  workdir.mkdir(parents=True, exist_ok=True)
   train_step, eval_step = trainer.jitted()
   init = jax.jit(lambda key: trainer.init(key, t.batch_size, t.seq_len))
   key = jax.random.key(t.seed)
-  ckpt = Checkpointer(workdir / "checkpoints")
-  metrics_path = workdir / "metrics.jsonl"
+  ckpt = Checkpointer(workdir / rundir.CHECKPOINTS)
+  metrics_log = rundir.MetricsLog(workdir / rundir.METRICS_FILE, enabled=primary)
   config_record = {
     "experiment": exp.name,
     "memory": memory,
@@ -223,22 +314,24 @@ def train(
   def save(step, state):
     # The tiered caches are derived from the tables: checkpoints hold the tables alone.
     ckpt.save(step, checkpoint_tree(state), data_iter.get_state(), config_record)
+    metrics_log.sync()
 
   restored = None
-  if resume:
+  if prepared.resume:
     restored = ckpt.restore_latest(checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len)))
   if restored is not None:
     start, tree, data_state, _ = restored
     # orbax restores into the target shardings but not always into their memory kind.
     state = trainer.place(from_checkpoint_tree(tree))
     data_iter.set_state(data_state)
-    if primary:
-      _truncate_metrics(metrics_path, start)
     logging.info("resumed %s from step %d", workdir, start)
   else:
+    if prepared.resume and primary:
+      logging.warning("--resume: no checkpoint in %s yet; training from step 0", ckpt.directory)
     start, state = 0, trainer.place(init(key))
-    if primary and metrics_path.exists():
-      metrics_path.unlink()
+  if primary:
+    metrics_log.cut_back(start)  # records written after the restored checkpoint go
+    rundir.write_run(workdir, prepared.record, resumed_from=start if prepared.resume else None)
   if memory == "tiered":
     # Which rows the cache holds: the most read in the first batches of the data.
     state = trainer.calibrate(
@@ -250,21 +343,42 @@ def train(
   last_eval = None
   timed_tokens, timed_seconds = 0, 0.0
   pending: tuple[int, dict] | None = None
+  spikes = SpikeDetector(t.spike_factor, t.spike_window, exp.optim.warmup_steps)
   bar = tqdm.tqdm(
     total=t.steps, initial=start, desc=label, disable=not (progress and primary), dynamic_ncols=True
   )
 
+  def diverged(first_bad: int, why: str) -> TrainingDiverged:
+    # Checkpoints from step `first_bad` on hold the diverged parameters: they are moved aside.
+    moved = [s for s in ckpt.steps() if s >= first_bad]
+    for s in moved:
+      ckpt.quarantine(s, DIVERGED)
+    good = ckpt.steps()
+    kept = f"the last good checkpoint is step {good[-1]}" if good else "no checkpoint is left"
+    moved_text = f"checkpoints {moved} moved to {DIVERGED}/; " if moved else ""
+    bar.close()
+    return TrainingDiverged(
+      f"{why}; stopped. {moved_text}{kept} in {ckpt.directory}. Resume with --resume and a "
+      "lower --learning_rate"
+    )
+
   def flush(step_metrics: tuple[int, dict], tok_s: float) -> None:
     step, m = step_metrics
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
-      raise TrainingDiverged(
-        f"loss became {m['loss']} (grad norm {m['grad_norm']}, parameter norm "
-        f"{m['param_norm']}) at step {step}; stopped. "
-        f"The last good checkpoint in {ckpt.directory} is kept (steps {ckpt.steps()})."
+    # The loss of `step` is that of the parameters of step - 1; the norms are of step's.
+    if not math.isfinite(m["loss"]):
+      raise diverged(step - 1, f"loss became {m['loss']} at step {step}")
+    if not all(math.isfinite(m[k]) for k in ("grad_norm", "param_norm")):
+      raise diverged(
+        step,
+        f"the update of step {step} is not finite (loss {m['loss']:.4g}, grad norm "
+        f"{m['grad_norm']}, parameter norm {m['param_norm']})",
       )
-    if primary and (step % t.log_every == 0 or step == t.steps):
-      _append_jsonl(metrics_path, {"step": step, **m, "tokens_per_sec": tok_s})
+    spike = spikes.check(step, m["loss"])
+    if spike is not None:
+      raise diverged(step - 1, spike)
+    if step % t.log_every == 0 or step == t.steps:
+      metrics_log.append({"step": step, **m, "tokens_per_sec": tok_s})
     bar.set_postfix(
       loss=f"{m['loss']:.3f}",
       lr=f"{m['lr']:.2e}",
@@ -274,47 +388,54 @@ def train(
       refresh=False,
     )
 
-  with _SignalGuard() as guard:
-    step = start
-    batches: Iterator = data_iter
-    while step < t.steps:
-      if guard.received is not None:
+  try:
+    with _SignalGuard() as guard, bar:
+      step = start
+      batches: Iterator = data_iter
+      while step < t.steps:
+        if guard.received is not None:
+          if pending is not None:
+            flush(pending, timed_tokens / max(timed_seconds, 1e-9))
+          if step not in ckpt.steps():  # the regular checkpoint may have just saved it
+            save(step, state)
+          bar.close()
+          raise Interrupted(
+            f"signal {guard.received}: saved a checkpoint at step {step} in "
+            f"{ckpt.directory}; rerun with --resume to continue"
+          )
+        tic = time.perf_counter()
+        batch = trainer.shard_batch(next(batches))
+        state, metrics = train_step(state, batch)
+        step += 1
+        # Read the previous step's metrics while this one runs (the device never waits).
         if pending is not None:
           flush(pending, timed_tokens / max(timed_seconds, 1e-9))
-        if step not in ckpt.steps():  # the regular checkpoint may have just saved it
-          save(step, state)
-        bar.close()
-        raise Interrupted(
-          f"signal {guard.received}: saved a checkpoint at step {step} in "
-          f"{ckpt.directory}; rerun with resume to continue"
-        )
-      tic = time.perf_counter()
-      batch = trainer.shard_batch(next(batches))
-      state, metrics = train_step(state, batch)
-      step += 1
-      # Read the previous step's metrics while this one runs (the device never waits).
-      if pending is not None:
-        flush(pending, timed_tokens / max(timed_seconds, 1e-9))
-      pending = (step, metrics)
-      if step > start + 1:  # the first step compiles: keep it out of the throughput
-        jax.block_until_ready(metrics["loss"])
-        timed_tokens += tokens_per_step
-        timed_seconds += time.perf_counter() - tic
-      bar.update(1)
-      if on_step is not None:
-        on_step(step)
-      if step % t.eval_every == 0 or step == t.steps:
-        flush(pending, timed_tokens / max(timed_seconds, 1e-9))
-        pending = None
-        last_eval = evaluate(eval_step, state, pipeline, trainer)
-        if primary:
-          _append_jsonl(metrics_path, {"step": step, **last_eval})
-      if step % t.checkpoint_every == 0 or step == t.steps:
-        if pending is not None:
+        pending = (step, metrics)
+        if step > start + 1:  # the first step compiles: keep it out of the throughput
+          jax.block_until_ready(metrics["loss"])
+          timed_tokens += tokens_per_step
+          timed_seconds += time.perf_counter() - tic
+        bar.update(1)
+        if on_step is not None:
+          on_step(step)
+        if step % t.eval_every == 0 or step == t.steps:
           flush(pending, timed_tokens / max(timed_seconds, 1e-9))
           pending = None
-        save(step, state)
-  bar.close()
+          last_eval = evaluate(eval_step, state, pipeline, trainer)
+          metrics_log.append({"step": step, **last_eval})
+        if step % t.checkpoint_every == 0 or step == t.steps:
+          if pending is not None:
+            flush(pending, timed_tokens / max(timed_seconds, 1e-9))
+            pending = None
+          save(step, state)
+  except Exception as e:
+    if isinstance(e, errors.RunError) or errors.os_error_of(e) is None:
+      raise
+    # Disk full, read-only, permission denied: say what failed and what is kept.
+    good = ckpt.steps()
+    kept = f"the last good checkpoint, step {good[-1]}, is kept" if good else "no checkpoint yet"
+    what = f"saving the checkpoint of step {e.step} failed: " if isinstance(e, SaveFailed) else ""
+    raise errors.RunError(f"{what}{errors.one_line(e)[1]}; {kept} in {ckpt.directory}") from e
   ckpt.close()
 
   if last_eval is None:
@@ -328,6 +449,14 @@ def train(
     "params": dataclasses.asdict(counts),
   }
   if primary:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plots.loss_curve(metrics_path, workdir / "loss_curve.png", title=exp.name)
+    rundir.atomic_write(workdir / rundir.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    plots.loss_curve(metrics_log.path, workdir / "loss_curve.png", title=exp.name)
   return results
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (multi-host) so that process 0's file moves are seen by all."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
