@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from bench.common import best_times
 from engram_jax.infer import Generator
-from engram_jax.memory.measure import best_times
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", "A preset (untrained weights).")
 _MEMORY = flags.DEFINE_string("memory", "device", "Memory backend of the Engram tables.")
@@ -36,12 +36,12 @@ def measure(preset: str, memory: str, prompt: str, new_tokens: int, repeats: int
   # Warm-up (compiles every shape used) and the check that both give the same tokens.
   cached_text = methods["cached"]()
   reference = methods["full_forward"]()
-  full_text, produced = gen.pipeline.tokenizer.decode(reference), len(reference)
+  full_text, produced = gen.tokenizer.decode(reference), len(reference)
   if cached_text != full_text:
     raise AssertionError(f"the methods disagree: {cached_text!r} vs {full_text!r}")
   best = best_times(methods, repeats)
   return {
-    "prompt_tokens": len(gen.pipeline.tokenizer.encode(prompt).ids),
+    "prompt_tokens": len(gen.tokenizer.encode(prompt).ids),
     "new_tokens": new_tokens,
     "produced_tokens": produced,
     "cached_tok_s": produced / best["cached"],

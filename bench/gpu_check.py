@@ -2,7 +2,8 @@
 
 Section `gather_bandwidth`: the Pallas multi-head gather against XLA's gather and against a
 device-to-device copy of the same bytes, on multi-GB tables with Zipf-distributed ids (hashed
-n-grams are heavy-tailed; hot rows are spread over the table). Bandwidth counts the row bytes
+n-grams are heavy-tailed; `bench.common.scattered_zipf`: ranks truncated to each head's rows, hot
+rows spread over them). Bandwidth counts the row bytes
 read plus written (2 * N * H * Dh * itemsize) for all three, so the ratios compare like with
 like; the goal is a Pallas gather at >= 0.75 of copy bandwidth (FBGEMM's embedding gather reaches
 about 0.79 of HBM bandwidth on an H100). Several block sizes / warp counts are swept and each is
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from bench.common import run_prefetched, scattered_zipf, time_call, toy_forward
 from engram_jax import memory
-from engram_jax.memory import dispatch, measure
+from engram_jax.memory import dispatch
 from pallas_kernels.gather import gather
 
 GOAL_VS_COPY = 0.75
@@ -130,24 +131,6 @@ class CheckConfig:
     )
 
 
-def time_call(fn: Callable, *args, timed_calls: int, warmup_calls: int) -> float:
-  """Seconds per call: warm up, then enqueue `timed_calls` calls and wait for the last one."""
-  for _ in range(warmup_calls):
-    jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  out = None
-  for _ in range(timed_calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / timed_calls
-
-
-def zipf_ids(rng: np.random.Generator, tokens: int, heads: int, rows: int, a: float) -> np.ndarray:
-  """[N, H] int32 Zipf-distributed ids below `rows`, hot ids scattered over the head's rows."""
-  ranks = rng.zipf(a, size=(tokens, heads)).astype(np.uint64) - np.uint64(1)
-  return ((ranks * np.uint64(2654435761)) % np.uint64(rows)).astype(np.int32)
-
-
 def _result(section: str, table_gb: float, impl: str, seconds: float, nbytes: int) -> dict:
   return {
     "section": section,
@@ -179,7 +162,8 @@ def gather_bandwidth(config: CheckConfig) -> list[dict]:
     table = jax.jit(jax.random.normal, static_argnums=(1, 2))(
       key, (num_rows, config.row_width), dtype
     )
-    ids = jnp.asarray(zipf_ids(rng, config.tokens, config.heads, rows_per_head, config.zipf_a))
+    ids = scattered_zipf(rng, (config.tokens, config.heads), rows_per_head, config.zipf_a)
+    ids = jnp.asarray(ids)  # [N, H]
     offsets = jnp.arange(config.heads, dtype=jnp.int32) * rows_per_head
     nbytes = 2 * ids.size * config.row_width * dtype.itemsize
     table_gb = num_rows * config.row_width * dtype.itemsize / 1e9
@@ -225,12 +209,12 @@ def _pattern_rows(num_rows: int, width: int, dtype) -> np.ndarray:
 
 
 def _flat_ids(config: CheckConfig, rng, rows_per_head: int) -> np.ndarray:
-  ids = zipf_ids(rng, config.offload_tokens, config.heads, rows_per_head, config.zipf_a)
+  ids = scattered_zipf(rng, (config.offload_tokens, config.heads), rows_per_head, config.zipf_a)
   return ids + np.arange(config.heads, dtype=np.int32) * rows_per_head  # [T, H] flat rows
 
 
 def _forward(config: CheckConfig, dtype):
-  return measure.toy_forward(
+  return toy_forward(
     config.offload_tokens,
     config.model_width,
     config.model_layers,
@@ -305,7 +289,7 @@ def host_offload_overhead(config: CheckConfig) -> list[dict]:
   one_jit = jax.jit(lambda state, i: model(memory.host.lookup(state, i)))
   variants = {
     f"host table, two-stage + prefetch ({table.engine})": functools.partial(
-      measure.run_prefetched, table, jit_model, steps
+      run_prefetched, table, jit_model, steps
     ),
     "host table, one jit (compute_on)": lambda: [one_jit(table.state, i) for i in steps][-1],
   }

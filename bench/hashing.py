@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from absl import app, flags
 
+from bench.common import best_times
 from engram_jax.hashing import NgramHasher
-from engram_jax.memory.measure import best_times
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Sequences per batch (B).")
 _SEQ = flags.DEFINE_integer("seq", 2048, "Tokens per sequence (T).")

@@ -31,7 +31,7 @@ import sys
 import jax
 from absl import app, flags
 
-from engram_jax.memory import measure as sections
+from bench import memory_sections as sections
 
 _SECTIONS = flags.DEFINE_list(
   "sections", list(sections.SECTIONS), f"Sections to run, from {list(sections.SECTIONS)}."

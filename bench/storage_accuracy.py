@@ -2,7 +2,7 @@
 
 Restores the newest checkpoint of a trained run, then evaluates its validation loss with the
 Engram tables as trained, round-tripped through each storage type, and zeroed (a reference
-point). The measurement is `engram_jax.memory.accuracy.storage_accuracy`.
+point). The measurement is `bench.accuracy.storage_accuracy`.
 
     make train                             # writes runs/cpu_small/engram
     python -m bench.storage_accuracy
@@ -15,8 +15,9 @@ import sys
 
 from absl import app, flags, logging
 
+from bench import accuracy
 from engram_jax import presets
-from engram_jax.memory import accuracy, storage
+from engram_jax.memory import storage
 
 _WORKDIR = flags.DEFINE_string(
   "workdir", "runs/cpu_small/engram", "A trained run's folder (holding checkpoints/)."

@@ -20,9 +20,7 @@ from absl import app, flags
 
 from engram_jax import presets
 from engram_jax.data import default_tokenizer_path
-from engram_jax.hashing import NgramHasher
-from engram_jax.memory.table import TableLayout
-from engram_jax.tokenization import TokenizerCompressor
+from engram_jax.hashing import EngramHashing
 from engram_jax.train.step import Trainer
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", "An Engram preset.")
@@ -31,14 +29,9 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Override the preset's batch s
 _SEQ = flags.DEFINE_integer("seq_len", None, "Override the preset's sequence length.")
 
 
-def _trainer(exp, vocab_size, hasher):
+def _trainer(exp, vocab_size, wiring):
   model = dataclasses.replace(exp.model, vocab_size=vocab_size)
-  layouts = {}
-  if model.engram is not None:
-    layouts = {
-      layer: TableLayout.from_sizes(hasher.table_sizes(layer), model.engram.head_dim)
-      for layer in model.engram.layer_ids
-    }
+  layouts = wiring.layouts if model.engram is not None else {}
   return Trainer(model, exp.optim, exp.train.steps, layouts)
 
 
@@ -50,24 +43,23 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
     **{k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v is not None},
   )
   exp = dataclasses.replace(exp, train=t)
-  comp = TokenizerCompressor.from_file(default_tokenizer_path())
-  engram = exp.model.engram
-  pad = int(comp(np.asarray([engram.pad_token_id]))[0])
-  hasher = NgramHasher.from_config(engram, comp.num_compressed, pad)
-  vocab = comp.vocab_size
+  wiring = EngramHashing.from_file(
+    exp.model.engram, default_tokenizer_path(), init_std=exp.model.engram_init_std
+  )
+  vocab = wiring.compressor.vocab_size
   tokens = np.random.default_rng(0).integers(0, vocab, size=(t.batch_size, t.seq_len + 1))
   start = time.perf_counter()
-  hash_ids = hasher.hash_all(comp(tokens[:, :-1]))
+  hash_ids = wiring.hash_ids(tokens[:, :-1])  # [B, T] -> {layer: [B, T, H]}
   first_hash_seconds = time.perf_counter() - start  # loads the compiled kernel
   hash_times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    hasher.hash_all(comp(tokens[:, :-1]))
+    wiring.hash_ids(tokens[:, :-1])
     hash_times.append(time.perf_counter() - start)
 
   runs = {}
   for name, e in (("engram", exp), ("baseline", presets.baseline_of(exp))):
-    trainer = _trainer(e, vocab, hasher)
+    trainer = _trainer(e, vocab, wiring)
     batch = {
       "tokens": tokens[:, :-1].astype(np.int32),
       "targets": tokens[:, 1:].astype(np.int32),

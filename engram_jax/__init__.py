@@ -12,7 +12,7 @@ from engram_jax.config import (
   OptimConfig,
   TrainConfig,
 )
-from engram_jax.hashing import NgramHasher
+from engram_jax.hashing import EngramHashing, NgramHasher
 from engram_jax.interop import ReferenceEngram
 from engram_jax.layers.engram import Engram
 from engram_jax.model import EngramLM
@@ -21,6 +21,7 @@ from engram_jax.tokenization import TokenizerCompressor
 __all__ = [
   "Engram",
   "EngramConfig",
+  "EngramHashing",
   "EngramLM",
   "ExperimentConfig",
   "MoEConfig",

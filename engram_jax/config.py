@@ -85,14 +85,14 @@ class EngramConfig:
   """Settings of the Engram memory (paper §2; spec §1-5).
 
   Attributes:
-    max_ngram_size: N, the largest n-gram order hashed (orders 2..N).
-    heads_per_ngram: K, hash heads per order.
-    embed_per_ngram: width of all K heads of one order together; one head row is
-      `embed_per_ngram // K` wide and the memory vector `(N - 1) * embed_per_ngram`.
-    table_bases: one base per order (2..N); every head's table size is a distinct prime
+    max_ngram_size: Ng, the largest n-gram order hashed (orders 2..Ng).
+    heads_per_ngram: Hn, hash heads per order.
+    embed_per_ngram: width of all Hn heads of one order together; one head row is
+      `embed_per_ngram // Hn` wide and the memory vector `(Ng - 1) * embed_per_ngram`.
+    table_bases: one base per order (2..Ng); every head's table size is a distinct prime
       above its order's base.
     layer_ids: 0-based indices of the transformer blocks that carry an Engram module.
-    kernel_size: taps of the short depthwise causal convolution (dilation = N).
+    kernel_size: taps of the short depthwise causal convolution (dilation = Ng).
     pad_token_id: raw tokenizer id used for positions before the sequence start; the
       hasher receives its compressed id.
     seed: seed of the hash multipliers (layer `l` uses `seed + 10007 * l`).
@@ -152,7 +152,7 @@ class EngramConfig:
 
 
 def engram_27b_memory() -> EngramConfig:
-  """Engram-27B: N=3, K=8, d_mem=1280, 2,262,400 rows per head at blocks 2 and 15 (1-based)."""
+  """Engram-27B: Ng=3, Hn=8, d_mem=1280, 2,262,400 rows per head at blocks 2 and 15 (1-based)."""
   return EngramConfig(
     max_ngram_size=3,
     heads_per_ngram=8,
@@ -168,27 +168,6 @@ def engram_27b_memory() -> EngramConfig:
 def engram_40b_memory() -> EngramConfig:
   """Engram-40B: as Engram-27B with 7,239,680 rows per head (18.5B table parameters)."""
   return dataclasses.replace(engram_27b_memory(), table_bases=(7_239_680, 7_239_680))
-
-
-def tiny_memory() -> EngramConfig:
-  """A memory small enough for unit tests: two layers, N=3, K=2, 16-wide heads."""
-  return EngramConfig(
-    max_ngram_size=3,
-    heads_per_ngram=2,
-    embed_per_ngram=32,
-    table_bases=(1009, 503),
-    layer_ids=(0, 1),
-    kernel_size=4,
-    pad_token_id=0,
-    seed=0,
-  )
-
-
-MEMORY_PRESETS = {
-  "tiny": tiny_memory,
-  "engram_27b": engram_27b_memory,
-  "engram_40b": engram_40b_memory,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,14 +412,66 @@ class TrainConfig:
     )
 
 
+MEMORY_KINDS = ("device", "host", "sharded", "tiered")
+STORAGE_TYPES = ("float32", "bfloat16", "int8")
+LOOKUP_IMPLS = ("auto", "pallas", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+  """Where the Engram tables live and how rows are read (docs/memory.md).
+
+  Attributes:
+    kind: 'device' (one device's memory), 'host' (pinned host memory), 'sharded' (rows split
+      over the mesh's data axis) or 'tiered' (host memory under a device cache of hot rows).
+    cache_fraction: the share of rows a 'tiered' cache holds.
+    storage: how serving tables store rows: 'float32', 'bfloat16' or 'int8' (training keeps
+      float32).
+    lookup_impl: the device gather: 'pallas' (the fused kernel), 'xla' or 'auto' (Pallas on
+      GPU, XLA elsewhere).
+  """
+
+  kind: str = "device"
+  cache_fraction: float = 0.05
+  storage: str = "float32"
+  lookup_impl: str = "auto"
+
+  def __post_init__(self):
+    _check(self.kind in MEMORY_KINDS, "memory", f"one of {MEMORY_KINDS}", self.kind)
+    _check(
+      0 < self.cache_fraction <= 1, "cache_fraction", "a fraction in (0, 1]", self.cache_fraction
+    )
+    _check(self.storage in STORAGE_TYPES, "storage", f"one of {STORAGE_TYPES}", self.storage)
+    _check(
+      self.lookup_impl in LOOKUP_IMPLS, "lookup_impl", f"one of {LOOKUP_IMPLS}", self.lookup_impl
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh: `data` devices on one data-parallel axis (1: no mesh, one device).
+
+  Attributes:
+    data: devices on the 'data' axis, over every host (the batch and a 'sharded' table are
+      split over it; the backbone is replicated).
+  """
+
+  data: int = 1
+
+  def __post_init__(self):
+    _check(isinstance(self.data, int) and self.data >= 1, "mesh", "an int >= 1", self.data)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  """A named model + optimizer + training setup."""
+  """A named model + optimizer + training setup, and where it runs (memory kind and mesh)."""
 
   name: str
   model: ModelConfig
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
+  memory: MemoryConfig = MemoryConfig()
+  mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
     engram = self.model.engram
@@ -451,6 +482,26 @@ class ExperimentConfig:
         f"at least the n-gram order max_ngram_size={engram.max_ngram_size}",
         self.train.seq_len,
       )
+    data = self.mesh.data
+    _check(
+      self.train.batch_size % data == 0,
+      "batch_size",
+      f"a multiple of the mesh's {data} data devices",
+      self.train.batch_size,
+    )
+    kind = self.memory.kind
+    _check(
+      kind != "sharded" or data > 1,
+      "memory",
+      "'sharded' with a mesh of several devices (--mesh > 1)",
+      kind,
+    )
+    _check(
+      kind not in ("host", "tiered") or data == 1,
+      "memory",
+      f"one device (no --mesh) for {kind!r}; 'sharded' spreads a table over several devices",
+      kind,
+    )
 
 
 def experiment_from_dict(data: dict) -> ExperimentConfig:
@@ -477,3 +528,28 @@ def _from_dict(cls, data: dict):
       value = tuple(value)
     values[name] = value
   return cls(**values)
+
+
+def override(exp: ExperimentConfig, overrides: dict) -> ExperimentConfig:
+  """A copy of `exp` with fields replaced by dotted name, e.g. {"train.steps": 5, "memory.kind":
+  "host", "mesh.data": 2} (how command-line flags reach a config); every section is validated
+  again.
+
+  Raises:
+    ValueError: an unknown section or field, or a value a section's validation rejects.
+  """
+  sections: dict[str, dict] = {}
+  for key, value in overrides.items():
+    section, _, name = key.partition(".")
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name"}
+    _check(
+      section in fields and name,
+      "override",
+      f"'<section>.<field>' with a section of {sorted(fields)}",
+      key,
+    )
+    known = {f.name for f in dataclasses.fields(getattr(exp, section))}
+    _check(name in known, key, f"a field of {section}: {sorted(known)}", name)
+    sections.setdefault(section, {})[name] = value
+  changes = {s: dataclasses.replace(getattr(exp, s), **f) for s, f in sections.items()}
+  return dataclasses.replace(exp, **changes)

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax.hashing import NgramHasher
+from engram_jax.config import EngramConfig
+from engram_jax.hashing import EngramHashing, NgramHasher
 from engram_jax.layers.engram import Engram, check_engram_inputs
 from engram_jax.memory import device
 from engram_jax.memory.table import TableLayout
@@ -79,6 +80,27 @@ def convert_demo_state_dict(
   return params, _get(state_dict, "multi_head_embedding.embedding.weight")
 
 
+def demo_engram_config(config: Mapping[str, Any]) -> EngramConfig:
+  """The `EngramConfig` of the demo's configuration (its `engram_vocab_size` are the bases).
+
+  Raises:
+    ValueError: a missing key, or values that break `EngramConfig`'s rules.
+  """
+  missing = [k for k in _DEMO_CONFIG_KEYS if k not in config]
+  if missing:
+    raise ValueError(f"config: expected the demo's keys {_DEMO_CONFIG_KEYS}, missing {missing}")
+  return EngramConfig(
+    max_ngram_size=int(config["max_ngram_size"]),
+    heads_per_ngram=int(config["n_head_per_ngram"]),
+    embed_per_ngram=int(config["n_embed_per_ngram"]),
+    table_bases=tuple(int(v) for v in config["engram_vocab_size"]),
+    layer_ids=tuple(int(i) for i in config["layer_ids"]),
+    kernel_size=int(config["kernel_size"]),
+    pad_token_id=int(config["pad_id"]),
+    seed=int(config["seed"]),
+  )
+
+
 def load_demo_vectors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], dict]:
   """Reads an `engram_demo_vectors.npz`: (config, state dict without 'sd/', other arrays)."""
   with np.load(path) as f:
@@ -123,30 +145,20 @@ class ReferenceEngram:
     """Builds the module from the demo's config, tokenizer and state dict.
 
     Raises:
-      ValueError: a missing config key or state-dict entry, or a table whose shape or offsets
-        disagree with the hasher's prime sizes.
+      ValueError: a missing or invalid config key (a module_layer outside layer_ids too), a
+        missing state-dict entry, or a table whose shape or offsets disagree with the hasher's
+        prime sizes.
       FileNotFoundError: the tokenizer file does not exist.
     """
-    missing = [k for k in _DEMO_CONFIG_KEYS if k not in config]
-    if missing:
-      raise ValueError(f"config: expected the demo's keys {_DEMO_CONFIG_KEYS}, missing {missing}")
-    compressor = TokenizerCompressor.from_file(tokenizer_file)
-    hasher = NgramHasher(
-      compressor.num_compressed,
-      [int(v) for v in config["engram_vocab_size"]],
-      int(config["max_ngram_size"]),
-      int(config["n_head_per_ngram"]),
-      [int(i) for i in config["layer_ids"]],
-      pad_id=int(compressor(np.asarray([config["pad_id"]]))[0]),
-      seed=int(config["seed"]),
-    )
+    wiring = EngramHashing.from_file(demo_engram_config(config), tokenizer_file)
     layer = int(config["module_layer"])
+    if layer not in wiring.layouts:
+      raise ValueError(
+        f"config: expected module_layer to be one of layer_ids {list(wiring.layouts)}, got {layer}"
+      )
+    layout = wiring.layouts[layer]
     m = int(config["hc_mult"])
     params, table = convert_demo_state_dict(state_dict, m)
-    layout = TableLayout.from_sizes(
-      hasher.table_sizes(layer),
-      int(config["n_embed_per_ngram"]) // int(config["n_head_per_ngram"]),
-    )
     if table.shape != (layout.num_rows, layout.dim):
       raise ValueError(
         f"state_dict: expected a table of shape ({layout.num_rows}, {layout.dim}) for layer "
@@ -162,8 +174,8 @@ class ReferenceEngram:
       max_ngram_size=int(config["max_ngram_size"]), kernel_size=int(config["kernel_size"])
     )
     return cls(
-      compressor,
-      hasher,
+      wiring.compressor,
+      wiring.hasher,
       layer,
       layout,
       jnp.asarray(table),

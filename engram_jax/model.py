@@ -1,9 +1,9 @@
 """The language model: embedding -> M streams -> blocks (Engram at chosen layers) -> head.
 
 Block i (0-based) runs, in order (paper §2.3):
-    H <- H + Engram(H, rows_i)                  if i is an Engram layer (all M streams)
-    H <- mHC_attn(H, RMSNorm -> attention)      (plain pre-norm residual when M = 1)
-    H <- mHC_ffn(H, RMSNorm -> SwiGLU or DeepSeekMoE)
+    h <- h + Engram(h, rows_i)                  if i is an Engram layer (all M streams)
+    h <- mHC_attn(h, RMSNorm -> attention)      (plain pre-norm residual when M = 1)
+    h <- mHC_ffn(h, RMSNorm -> SwiGLU or DeepSeekMoE)
 
 The Engram tables are not parameters of this module: the caller fetches `rows[i]` [B, T, H, Dh]
 from a memory backend with the hash ids that came with the batch and passes them in, so the
@@ -48,7 +48,8 @@ def _engram(cfg: ModelConfig, **kwargs) -> Engram:
 
 class BlockCache(NamedTuple):
   """Decoding state of one block: kv (attention keys/values, [B, S, G, Da] each) and conv
-  ([B, L, M*D] last Engram convolution inputs; None where the block has no Engram)."""
+  ([B, (W-1)*Ng, C], C = M*D: the last Engram convolution inputs; None where the block has no
+  Engram)."""
 
   kv: KVCache
   conv: jax.Array | None

@@ -190,7 +190,7 @@ def iso_param_engram(moe_cfg: ModelConfig, rho: float, engram: EngramConfig) -> 
   Args:
     moe_cfg: a pure-MoE model (`moe` set, `engram` None).
     rho: in (0, 1]; 1 returns `moe_cfg` unchanged.
-    engram: the Engram settings to use (N, K, head width, layer ids, kernel, ...); its
+    engram: the Engram settings to use (Ng, Hn, head width, layer ids, kernel, ...); its
       `table_bases` are replaced.
 
   Returns:

@@ -16,17 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.config import EngramConfig
-from engram_jax.hashing import NgramHasher
+from engram_jax.hashing import EngramHashing
 from engram_jax.layers.engram import Engram
 from engram_jax.memory import device
-from engram_jax.memory.table import TableLayout
-from engram_jax.tokenization import TokenizerCompressor, load_tokenizer
+from engram_jax.tokenization import load_tokenizer
 
 EXAMPLE = "Only Alexander the Great could tame the horse Bucephalus."
 
 
 def quickstart_config() -> EngramConfig:
-  """A small memory for the tour: N = 3, K = 4, one Engram layer."""
+  """A small memory for the tour: Ng = 3, Hn = 4, one Engram layer."""
   return EngramConfig(
     max_ngram_size=3,
     heads_per_ngram=4,
@@ -74,19 +73,17 @@ def explain(
   """
   cfg = cfg or quickstart_config()
   tok = load_tokenizer(tokenizer_path)
-  compressor = TokenizerCompressor.from_tokenizer(tok)
+  wiring = EngramHashing.from_tokenizer(cfg, tok)
   enc = tok.encode(text)
   if not enc.ids:
     raise ValueError(f"text: expected at least one token, got {text!r}")
   raw = np.asarray([enc.ids], dtype=np.int64)  # [1, T]
-  compressed = compressor(raw)
-  pad = int(compressor(np.asarray([cfg.pad_token_id]))[0])
-  hasher = NgramHasher.from_config(cfg, compressor.num_compressed, pad)
+  compressed = wiring.compressor(raw)  # [1, T]
   layer = cfg.layer_ids[0]
-  ids = hasher(compressed, layer)  # [1, T, H]
+  ids = wiring.hasher(compressed, layer)  # [1, T] -> [1, T, H]
 
   k_table, k_layer, k_hidden = jax.random.split(jax.random.key(seed), 3)
-  layout = TableLayout.from_sizes(hasher.table_sizes(layer), cfg.head_dim)
+  layout = wiring.layouts[layer]
   rows = device.fetch(layout, layout.init(k_table), jnp.asarray(ids, jnp.int32))
   hidden = jax.random.normal(k_hidden, (1, raw.shape[1], streams, hidden_size))
   module = Engram(max_ngram_size=cfg.max_ngram_size, kernel_size=cfg.kernel_size)

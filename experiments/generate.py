@@ -3,8 +3,8 @@
 python -m experiments.generate --workdir=runs/cpu_small/engram --prompt="And God said"
 python -m experiments.generate --workdir=runs/cpu_small/engram --memory=tiered
 
-The model, tokenizer and corpus are the run's (from its run.json); --tokenizer, --corpus and
---preset override them. Exit codes: 0 done, 1 error, 2 usage.
+The model and tokenizer are the run's (from its run.json); --tokenizer and --preset override
+them. A tiered cache is calibrated from the prompt. Exit codes: 0 done, 1 error, 2 usage.
 """
 
 import sys
@@ -20,9 +20,6 @@ _PRESET = flags.DEFINE_string(
 )
 _TOKENIZER = flags.DEFINE_string(
   "tokenizer", None, "The run's tokenizer.json (default: the one recorded in its run.json)."
-)
-_CORPUS = flags.DEFINE_multi_string(
-  "corpus", None, "Corpus files that calibrate a tiered cache (default: the run's)."
 )
 _PROMPT = flags.DEFINE_string("prompt", "And God said", "Text to continue.")
 _TOKENS = flags.DEFINE_integer("max_new_tokens", 40, "Tokens to generate.")
@@ -44,7 +41,6 @@ def main(argv):
       _WORKDIR.value,
       _PRESET.value,
       _MEMORY.value,
-      corpus_files=_CORPUS.value,
       tokenizer_file=_TOKENIZER.value,
       **options,
     )

@@ -10,7 +10,6 @@ WORKDIR/error.log), 2 usage (nothing changed), 75 interrupted after saving a che
 the same command with --resume).
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -18,8 +17,9 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from engram_jax import errors, presets
-from engram_jax.train import compare, loop, tables
+from engram_jax import config, errors, presets, sharding
+from engram_jax.config import MEMORY_KINDS
+from engram_jax.train import compare, loop
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", f"One of {sorted(presets.PRESETS)}.")
 _CORPUS = flags.DEFINE_multi_string(
@@ -57,7 +57,7 @@ _BASELINE = flags.DEFINE_bool(
 _MEMORY = flags.DEFINE_enum(
   "memory",
   "device",
-  list(tables.KINDS),
+  list(MEMORY_KINDS),
   "Where the Engram tables live: one device's memory, pinned host "
   "memory, split over the --mesh devices, or pinned host memory "
   "under a device cache of the hottest rows (tiered).",
@@ -70,29 +70,22 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (hosts) 
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def _overrides(pairs) -> dict:
-  return {name: flag.value for name, flag in pairs if flag.value is not None}
-
-
 def _experiment():
-  exp = presets.get(_PRESET.value)
-  train = _overrides(
-    (
-      ("steps", _STEPS),
-      ("batch_size", _BATCH),
-      ("seq_len", _SEQ),
-      ("seed", _SEED),
-      ("checkpoint_every", _CKPT),
-      ("eval_every", _EVAL),
-      ("spike_factor", _SPIKE),
-    )
+  """The preset with the flags' overrides (validated by the configs)."""
+  flagged = (
+    ("train.steps", _STEPS),
+    ("train.batch_size", _BATCH),
+    ("train.seq_len", _SEQ),
+    ("train.seed", _SEED),
+    ("train.checkpoint_every", _CKPT),
+    ("train.eval_every", _EVAL),
+    ("train.spike_factor", _SPIKE),
+    ("optim.lr", _LR),
+    ("optim.engram_lr_mult", _TABLE_LR),
   )
-  optim = _overrides((("lr", _LR), ("engram_lr_mult", _TABLE_LR)))
-  return dataclasses.replace(
-    exp,
-    train=dataclasses.replace(exp.train, **train),
-    optim=dataclasses.replace(exp.optim, **optim),
-  )
+  overrides = {key: flag.value for key, flag in flagged if flag.value is not None}
+  overrides |= {"memory.kind": _MEMORY.value, "mesh.data": _MESH.value}
+  return config.override(presets.get(_PRESET.value), overrides)
 
 
 def _check_flags():
@@ -108,11 +101,7 @@ def _check_flags():
   if _COORDINATOR.value:
     # Every process runs the same deterministic pipeline; each feeds its own devices' part.
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  tables.Placement(_MEMORY.value, tables.make_mesh(_MESH.value))
-  if exp.train.batch_size % _MESH.value:
-    raise ValueError(
-      f"--batch_size: expected a multiple of --mesh={_MESH.value}, got {exp.train.batch_size}"
-    )
+  sharding.make_mesh(exp.mesh)  # more devices than jax sees: a usage error
   return exp
 
 
@@ -129,8 +118,6 @@ def main(argv):
     tokenizer_file=_TOKENIZER.value,
     resume=_RESUME.value,
     overwrite=_OVERWRITE.value,
-    memory=_MEMORY.value,
-    mesh_devices=_MESH.value,
   )
   try:
     if _BASELINE.value:

@@ -8,7 +8,7 @@ issue 24117). Instead:
    finds the run of each distinct row: `row_runs`.
 2. A Pallas kernel gives each distinct row one lane. The lane walks its run in order, sums the
    cotangent rows in float32 and writes the sum once: into the zero-initialised table gradient
-   (`scatter_add`, for `jax.grad`), or into a compact [U, Dh] array (`sparse_row_grads`, the
+   (`scatter_add`, for `jax.grad`), or into a compact [N*H, Dh] array (`sparse_row_grads`, the
    unique ids + summed gradients + valid mask that the sparse table optimizer consumes).
 
 No row is written twice and every sum has a fixed order, so the result is bitwise reproducible.
@@ -19,9 +19,9 @@ Like the gather, the kernel targets Pallas's Triton backend (see `pallas_kernels
 why, and for the GPU-lowering finding); the cotangent and the output are untiled
 (`memory_space=pl.ANY`) and addressed with indices loaded in the kernel.
 
-Shapes: N tokens, H heads, R table rows, Dh row width, U = N*H distinct-row slots (the most a
-lookup can touch); in the kernel, `block` slots per program instance and `w` the width of one
-column chunk.
+Shapes: N tokens, H heads, R table rows, Dh row width; N*H is also the number of distinct-row
+slots (the most a lookup can touch); in the kernel, `block` slots per program instance and `w`
+the width of one column chunk.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ class RowRuns(NamedTuple):
 
   Attributes:
     order: [N*H] int32 flat (token, head) positions sorted by row, ties in position order.
-    starts: [U] int32 first index into `order` of each distinct row; N*H past `count`.
-    lengths: [U] int32 how many pairs read each distinct row; 0 past `count`.
-    rows: [U] int32 distinct rows in ascending order; R past `count`.
+    starts: [N*H] int32 first index into `order` of each distinct row; N*H past `count`.
+    lengths: [N*H] int32 how many pairs read each distinct row; 0 past `count`.
+    rows: [N*H] int32 distinct rows in ascending order; R past `count`.
     count: [] int32 number of distinct rows.
   """
 
@@ -59,9 +59,9 @@ class SparseRowGrads(NamedTuple):
   """Gradient of the table restricted to the rows a lookup touched.
 
   Attributes:
-    rows: [U] int32 distinct rows, ascending; R (one past the table) in unused slots.
-    grads: [U, Dh] summed cotangent of each row; zeros in unused slots.
-    valid: [U] bool, True for the first `count` slots.
+    rows: [N*H] int32 distinct rows, ascending; R (one past the table) in unused slots.
+    grads: [N*H, Dh] summed cotangent of each row; zeros in unused slots.
+    valid: [N*H] bool, True for the first `count` slots.
     count: [] int32 number of distinct rows.
   """
 
@@ -86,7 +86,7 @@ def row_runs(ids: jax.Array, offsets: jax.Array, num_rows: int) -> RowRuns:
     num_rows: R, rows in the table.
 
   Returns:
-    The runs, with U = N*H slots.
+    The runs, with N*H slots.
   """
   rows = _flat_rows(ids, offsets, num_rows)
   m = rows.shape[0]
@@ -113,9 +113,9 @@ def _reduce_kernel(
     dest_ref: [block] block of output rows to write.
     order_ref: [N*H] sorted flat positions (whole array).
     cot_ref: [N*H, Dh] flat cotangent (whole array).
-    init_ref: [R or U, Dh] zeros, aliased with `out_ref`.
-    out_ref: [R or U, Dh] output (whole array): R rows for the dense gradient, U compact.
-    num_slots: U.
+    init_ref: [R or N*H, Dh] zeros, aliased with `out_ref`.
+    out_ref: [R or N*H, Dh] output (whole array): R rows for the dense gradient, N*H compact.
+    num_slots: N*H, the distinct-row slots.
     chunks: (start, size) column chunks of a row.
   """
   del init_ref  # The same buffer as out_ref: rows nobody writes stay zero.
@@ -156,7 +156,7 @@ def _reduce_rows(
   block_rows: int | None,
   interpret: bool | None,
 ) -> jax.Array:
-  """[N*H, Dh] cotangent -> [R or U, Dh] with row dest[u] = the sum of run u (zeros elsewhere)."""
+  """[N*H, Dh] cotangent -> [R or N*H, Dh], row dest[u] = the sum of run u (zeros elsewhere)."""
   _, dh = cotangent.shape
   if block_rows is None:
     block_rows = common.block_rows_for(dh, 4, common.REDUCE_TILE_BYTES)
@@ -233,7 +233,7 @@ def sparse_row_grads(
 ) -> SparseRowGrads:
   """Table gradient restricted to the touched rows: distinct rows and their summed cotangents.
 
-  Shapes: N tokens, H heads, Dh row width, U = N * H slots.
+  Shapes: N tokens, H heads, Dh row width; N*H distinct-row slots.
 
   Args:
     cotangent: [N, H, Dh] cotangent of the gathered rows.
@@ -245,7 +245,7 @@ def sparse_row_grads(
     interpret: run in Pallas interpret mode; None interprets unless the backend is a GPU.
 
   Returns:
-    rows [U], grads [U, Dh], valid [U] and count [] (see `SparseRowGrads`).
+    rows [N*H], grads [N*H, Dh], valid [N*H] and count [] (see `SparseRowGrads`).
   """
   _check_cotangent(cotangent, ids, offsets)
   n, h, dh = cotangent.shape
@@ -307,7 +307,8 @@ def sparse_row_grads_reference(
   rows = _flat_rows(ids, offsets, num_rows)
   distinct, inverse = jnp.unique(rows, size=m, fill_value=num_rows, return_inverse=True)
   flat = cotangent.reshape(m, dh).astype(jnp.float32)  # [N, H, Dh] -> [N*H, Dh]
-  sums = jax.ops.segment_sum(flat, inverse.reshape(m), num_segments=m)  # [N*H, Dh] -> [U, Dh]
+  # [N*H, Dh] -> [N*H, Dh]: one sum per distinct-row slot.
+  sums = jax.ops.segment_sum(flat, inverse.reshape(m), num_segments=m)
   valid = distinct < num_rows
   dtype = cotangent.dtype if dtype is None else dtype
   return SparseRowGrads(

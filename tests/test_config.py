@@ -1,12 +1,15 @@
 """Tests for engram_jax/config.py: validation and the paper-size memory presets."""
 
 import dataclasses
+import json
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from engram_jax import config as cfg_lib
+from engram_jax import presets
 from engram_jax.hashing import table_sizes_for_layers
 from engram_jax.layers.engram import Engram
 from engram_jax.memory.table import TableLayout
@@ -28,7 +31,7 @@ from engram_jax.memory.table import TableLayout
 )
 def test_invalid_config_names_field(changes, field):
   with pytest.raises(ValueError, match=field):
-    dataclasses.replace(cfg_lib.tiny_memory(), **changes)
+    dataclasses.replace(presets.tiny().model.engram, **changes)
 
 
 def test_derived_widths():
@@ -38,10 +41,10 @@ def test_derived_widths():
 
 @pytest.mark.parametrize(
   ("preset", "expected"),
-  [("engram_27b", 5.792e9), ("engram_40b", 18.534e9)],
+  [(cfg_lib.engram_27b_memory, 5.792e9), (cfg_lib.engram_40b_memory, 18.534e9)],
 )
 def test_paper_table_parameter_counts(preset, expected):
-  c = cfg_lib.MEMORY_PRESETS[preset]()
+  c = preset()
   sizes = table_sizes_for_layers(c.table_bases, c.heads_per_ngram, c.layer_ids)
   total = 0
   for layer in c.layer_ids:
@@ -60,3 +63,38 @@ def test_paper_engram_layer_builds_without_allocating():
   variables = jax.eval_shape(layer.init, jax.random.key(0), hidden, rows)
   kernel = variables["params"]["kv_kernel"].value
   assert kernel.shape == (1280, 5, 2560)
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    ({"train.seq_len": 2}, "seq_len: expected at least the n-gram order"),
+    ({"train.steps": 0}, "steps: expected an int >= 1"),
+    ({"memory.kind": "sharded"}, "'sharded' with a mesh of several devices"),
+    ({"memory.kind": "host", "mesh.data": 2}, "one device (no --mesh) for 'host'"),
+    ({"memory.kind": "disk"}, "memory: expected one of"),
+    ({"mesh.data": 3}, "batch_size: expected a multiple of the mesh's 3 data devices"),
+    ({"optim.lr": -1.0}, "lr: expected a positive learning rate"),
+    ({"train.spike_factor": 0.5}, "spike_factor: expected 0 (off) or a multiple > 1"),
+    ({"memory.lookup_impl": "triton"}, "lookup_impl: expected one of"),
+    ({"train.stepz": 5}, "train.stepz: expected a field of train"),
+    ({"model": 5}, "override: expected '<section>.<field>'"),
+  ],
+)
+def test_overrides_are_validated(overrides, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    cfg_lib.override(presets.tiny(), overrides)
+
+
+def test_overrides_replace_fields_and_round_trip_through_json():
+  exp = cfg_lib.override(
+    presets.tiny(), {"train.steps": 9, "memory.kind": "tiered", "optim.lr": 1e-3}
+  )
+  assert (exp.train.steps, exp.memory.kind, exp.optim.lr) == (9, "tiered", 1e-3)
+  assert exp.model == presets.tiny().model
+  data = json.loads(json.dumps(dataclasses.asdict(exp)))
+  assert cfg_lib.experiment_from_dict(data) == exp
+  with pytest.raises(ValueError, match="expected only the fields"):
+    cfg_lib.experiment_from_dict(data | {"extra": 1})
+  with pytest.raises(ValueError, match="preset: expected one of"):
+    presets.get("nope")

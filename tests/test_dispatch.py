@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax.memory import dispatch
+from engram_jax.memory import base, dispatch
 
 OFFSETS = np.array([0, 11, 18], np.int32)
 NUM_ROWS = 31
@@ -68,28 +68,27 @@ def test_gradients_agree():
 
 def test_forcing_switches_the_implementation(monkeypatch):
   table, ids = _inputs()
-  monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
   assert "pallas_call" in _used("pallas", table, ids)
   assert "pallas_call" not in _used("xla", table, ids)
   assert "gather" in _used("xla", table, ids)
   assert "pallas_call" not in _used("auto", table, ids)  # CPU: auto is XLA
-  assert "pallas_call" not in _used(None, table, ids)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert dispatch.resolve_implementation("auto") == "pallas"
-  assert "pallas_call" in _used(None, table, ids)
+  assert "pallas_call" in _used("auto", table, ids)
 
 
-def test_environment_variable_sets_the_default(monkeypatch):
+def test_the_memory_config_chooses_the_implementation():
+  from engram_jax import memory
+  from engram_jax.config import MemoryConfig
+
   table, ids = _inputs()
-  monkeypatch.setenv(dispatch.ENV_VAR, "pallas")
-  assert "pallas_call" in _used(None, table, ids)
-  assert "pallas_call" not in _used("xla", table, ids)  # an explicit argument wins
-  monkeypatch.setenv(dispatch.ENV_VAR, "xla")
-  assert "pallas_call" not in _used(None, table, ids)
-  assert "pallas_call" in _used("pallas", table, ids)
-  monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-  with pytest.raises(ValueError, match=r"ENGRAM_LOOKUP_IMPL.*\('pallas', 'xla', 'auto'\)"):
-    dispatch.lookup(table, ids, OFFSETS)
+  state = base.init_state(table)
+  for impl, pallas in (("pallas", True), ("xla", False)):
+    b = memory.backend(MemoryConfig(lookup_impl=impl))
+    jaxpr = str(jax.make_jaxpr(b.lookup)(state, ids[..., 0]))
+    assert ("pallas_call" in jaxpr) == pallas, impl
+  with pytest.raises(ValueError, match="lookup_impl: expected one of"):
+    MemoryConfig(lookup_impl="triton")
 
 
 @pytest.mark.parametrize(

@@ -8,25 +8,29 @@ import pytest
 
 from engram_jax.data import default_tokenizer_path
 from engram_jax.infer import Generator
+from engram_jax.model import EngramLM
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-  workdir, corpus, _ = tiny_run
-  return workdir, corpus
+  workdir, _, _ = tiny_run
+  return workdir
 
 
 def test_every_backend_generates_the_same(trained):
-  workdir, corpus = trained
+  workdir = trained
   outputs, logits = {}, {}
   for kind, options in (("device", {}), ("host", {}), ("tiered", {"cache_fraction": 0.1})):
-    gen = Generator.from_checkpoint(workdir, "tiny", kind, corpus_files=corpus, **options)
+    gen = Generator.from_checkpoint(workdir, "tiny", kind, **options)
     outputs[kind] = gen.generate("And God said", max_new_tokens=6)
     logits[kind] = gen.next_token_logits([5, 17, 230])
     assert gen.tables[1].stats()["fetches"] > 0
-    if kind == "tiered":  # calibrated on the training batches: frequent n-grams hit the cache
-      assert np.all(gen.tables[1].cached_ids < gen.tables[1].num_rows)
-      assert gen.tables[1].stats()["hits"] > 0
+    if kind == "tiered":  # calibrated on the prompt stream: the prompt's rows are cached
+      table, layout = gen.tables[1], gen.hashing.layouts[1]
+      prompt = np.asarray([gen.tokenizer.encode("And God said").ids])
+      rows = np.asarray(layout.row_ids(gen.hashing.hash_ids(prompt)[1]))
+      assert set(rows.reshape(-1)) <= set(table.cached_ids.tolist())
+      assert table.stats()["hits"] > 0
   assert outputs["device"] == outputs["host"] == outputs["tiered"]
   assert len(outputs["device"]) > 0
   np.testing.assert_allclose(logits["host"], logits["device"], rtol=1e-5, atol=1e-5)
@@ -34,47 +38,47 @@ def test_every_backend_generates_the_same(trained):
 
 
 def test_cached_decoding_matches_the_full_forward(trained):
-  workdir, corpus = trained
-  gen = Generator.from_checkpoint(workdir, "tiny", "host", corpus_files=corpus)
+  workdir = trained
+  gen = Generator.from_checkpoint(workdir, "tiny", "host")
   # The trained convolution is still near its zero start: make its decoding state matter.
   conv = gen.params["block_1"]["engram"]["conv_kernel"]
   gen.params["block_1"]["engram"]["conv_kernel"] = conv + 0.5
   prompt = "And God said, Let there be"
   want = gen.greedy_without_cache(prompt, 8)  # re-runs the whole sequence every step
   assert len(want) == 8
-  assert gen.generate(prompt, max_new_tokens=8) == gen.pipeline.tokenizer.decode(want)
+  assert gen.generate(prompt, max_new_tokens=8) == gen.tokenizer.decode(want)
 
 
 def test_padding_does_not_change_the_logits(trained):
-  workdir, corpus = trained
-  gen = Generator.from_checkpoint(workdir, "tiny", "device", corpus_files=corpus)
+  workdir = trained
+  gen = Generator.from_checkpoint(workdir, "tiny", "device")
   ids = np.asarray([[7, 99, 1000, 42]])
   padded = gen.next_token_logits(ids[0].tolist())  # read inside a 64-token bucket
-  hash_ids = gen._hash_fn(ids)
+  hash_ids = gen.hashing.hash_ids(ids)
   rows = {
-    layer: jnp.asarray(gen.tables[layer].fetch(hash_ids[layer] + layout.offsets))
-    for layer, layout in gen.trainer.layouts.items()
+    layer: jnp.asarray(gen.tables[layer].fetch(layout.row_ids(hash_ids[layer])))
+    for layer, layout in gen.hashing.layouts.items()
   }
-  logits, _ = gen.trainer.model.apply(
+  logits, _ = EngramLM(gen.model_cfg).apply(
     {"params": gen.params, "balance": gen.balance}, jnp.asarray(ids, jnp.int32), rows
   )
   np.testing.assert_allclose(padded, np.asarray(logits[0, -1]), rtol=1e-5, atol=1e-5)
 
 
 def test_errors(trained, tmp_path):
-  workdir, corpus = trained
+  workdir = trained
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    Generator.from_checkpoint(tmp_path, "tiny", corpus_files=corpus)
-  gen = Generator.from_checkpoint(workdir, "tiny", "device", corpus_files=corpus)
+    Generator.from_checkpoint(tmp_path, "tiny")
+  gen = Generator.from_checkpoint(workdir, "tiny", "device")
   with pytest.raises(ValueError, match="prompt"):
     gen.generate("", 3)
 
 
 def test_serves_a_run_from_its_record(trained):
-  workdir, corpus = trained
-  recorded = Generator.from_checkpoint(workdir)  # model, tokenizer and corpus from run.json
-  explicit = Generator.from_checkpoint(workdir, "tiny", "device", corpus_files=corpus)
-  assert recorded.trainer.model_cfg == explicit.trainer.model_cfg
+  workdir = trained
+  recorded = Generator.from_checkpoint(workdir)  # the model and tokenizer from run.json
+  explicit = Generator.from_checkpoint(workdir, "tiny", "device")
+  assert recorded.model_cfg == explicit.model_cfg
   assert recorded.generate("And God said", 5) == explicit.generate("And God said", 5)
 
 
@@ -90,7 +94,7 @@ def test_serves_a_run_with_its_own_tokenizer(small_corpus, tmp_path):
   run = tmp_path / "run"
   loop.train(exp, run, corpus_files=(small_corpus,), tokenizer_file=str(tokenizer), progress=False)
   gen = Generator.from_checkpoint(run)
-  assert gen.pipeline.tokenizer.get_vocab_size() == gen.trainer.model_cfg.vocab_size <= 600
+  assert gen.tokenizer.get_vocab_size() == gen.model_cfg.vocab_size <= 600
   assert isinstance(gen.generate("And God said", 3), str)
   with pytest.raises(ValueError, match=r"has 8192 ids; the run .* vocabulary of \d+"):
     Generator.from_checkpoint(run, tokenizer_file=str(default_tokenizer_path()))
@@ -104,7 +108,7 @@ def test_generate_script_reports_one_line(trained, tmp_path):
   import subprocess
   import sys
 
-  workdir, _ = trained
+  workdir = trained
   r = subprocess.run(
     [sys.executable, "-m", "experiments.generate", f"--workdir={workdir}", "--max_new_tokens=3"],
     capture_output=True,

@@ -1,13 +1,15 @@
-"""Tests for engram_jax/hashing.py: bit-exact to the official demo, host == device path."""
+"""Tests for engram_jax/hashing/: bit-exact to the official demo, primes, the wiring."""
 
-import jax
-import jax.numpy as jnp
+import concurrent.futures
+
 import numpy as np
 import pytest
 
 from engram_jax import hashing
-from engram_jax.hashing import NgramHasher
-from engram_jax.tokenization import TokenizerCompressor
+from engram_jax.config import EngramConfig
+from engram_jax.hashing import EngramHashing, NgramHasher
+from engram_jax.interop import demo_engram_config
+from engram_jax.tokenization import TokenizerCompressor, load_tokenizer
 
 
 def reference_hash(x, mults, sizes, pad_id, n_max, k):
@@ -55,33 +57,45 @@ def test_bit_exact_to_demo(demo):
     np.testing.assert_array_equal(all_ids[layer], got)
 
 
-def test_device_path_equals_demo_under_jit(demo):
-  config, arrays, comp, hasher = demo
-  ids = jnp.asarray(comp(arrays["input_ids"]), jnp.int32)
+def test_wiring_equals_demo(demo_vectors, demo_tokenizer_path):
+  config, _, arrays = demo_vectors
+  wiring = EngramHashing.from_file(demo_engram_config(config), demo_tokenizer_path, init_std=0.5)
+  assert wiring.hasher.pad_id == int(arrays["pad_compressed"])
+  got = wiring.hash_ids(arrays["input_ids"])
+  assert sorted(got) == sorted(wiring.layouts) == sorted(config["layer_ids"])
   for layer in config["layer_ids"]:
-    got = jax.jit(hasher.device_fn(layer))(ids)
-    assert got.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(got), arrays[f"hash_layer{layer}"])
+    np.testing.assert_array_equal(got[layer], arrays[f"hash_layer{layer}"])
+    layout = wiring.layouts[layer]
+    assert layout.sizes == tuple(arrays[f"sizes_layer{layer}"])
+    assert layout.dim == config["n_embed_per_ngram"] // config["n_head_per_ngram"]
+    assert layout.init_std == 0.5
 
 
-@pytest.mark.parametrize(
-  ("vocab", "bases", "n_max", "k"),
-  [
-    (129_280, (2_262_400, 2_262_400), 3, 8),
-    (2**31 - 1, (2**30, 2**29, 7), 4, 2),
-    (50, (11, 13), 3, 3),
-  ],
-)
-def test_device_path_equals_host_near_vocab_bound(vocab, bases, n_max, k):
-  hasher = NgramHasher(vocab, bases, n_max, k, [0, 3], pad_id=vocab - 1, seed=11)
-  rng = np.random.default_rng(0)
-  x = rng.integers(max(0, vocab - 1000), vocab, size=(3, 70))
-  x[0, :10] = rng.integers(0, vocab, size=10)
-  x[1, 5] = 0
-  for layer in (0, 3):
-    host = hasher(x, layer)
-    dev = jax.jit(hasher.device_fn(layer))(jnp.asarray(x, jnp.int32))
-    np.testing.assert_array_equal(np.asarray(dev), host)
+def test_wiring_hash_ids_from_threads(demo_tokenizer_path):
+  cfg = EngramConfig(
+    max_ngram_size=3,
+    heads_per_ngram=2,
+    embed_per_ngram=8,
+    table_bases=(9_001, 101),
+    layer_ids=(0, 2),
+    pad_token_id=0,
+  )
+  wiring = EngramHashing.from_tokenizer(cfg, load_tokenizer(demo_tokenizer_path))
+  rng = np.random.default_rng(4)
+  batches = [rng.integers(0, wiring.compressor.vocab_size, size=(4, 300)) for _ in range(16)]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(wiring.hash_ids, batches))
+  for tokens, ids in zip(batches, got, strict=True):
+    compressed = wiring.compressor(tokens)
+    for layer in (0, 2):
+      np.testing.assert_array_equal(ids[layer], wiring.hasher(compressed, layer))
+
+
+def test_wiring_rejects_pad_outside_vocabulary(demo_tokenizer_path):
+  tok = load_tokenizer(demo_tokenizer_path)
+  cfg = EngramConfig(table_bases=(11, 13), pad_token_id=tok.get_vocab_size() + 5)
+  with pytest.raises(ValueError, match="vocabulary size"):
+    EngramHashing.from_tokenizer(cfg, tok)
 
 
 @pytest.mark.parametrize("shape", [(1, 40_000), (7, 5_003), (2, 1), (3, 2), (64, 300)])
@@ -139,8 +153,6 @@ def test_bad_ids_and_layers():
     hasher.hash_all(np.array([[1, 100]]))
   with pytest.raises(ValueError, match=r"\[0, 100\)"):
     hasher.hash_all(np.array([[1, -1]]))
-  with pytest.raises(ValueError, match="layer_id"):
-    hasher.device_fn(9)
 
 
 @pytest.mark.parametrize(

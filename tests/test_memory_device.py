@@ -10,8 +10,8 @@ import pytest
 from engram_jax import memory
 from engram_jax.config import OptimConfig
 from engram_jax.memory import base, device
+from engram_jax.memory.optimizer import init_table_state, sparse_adam_update
 from engram_jax.memory.table import TableLayout
-from engram_jax.train.optimizer import init_table_state, sparse_adam_update
 
 R, DH = 300, 8
 CFG = OptimConfig()

@@ -18,9 +18,9 @@ import pytest
 from conftest import tree_snapshot
 
 from engram_jax import errors, presets
-from engram_jax.train import loop, rundir
-from engram_jax.train.checkpoint import CORRUPT, DIVERGED, Checkpointer
-from engram_jax.train.step import checkpoint_tree
+from engram_jax.run import folder
+from engram_jax.run.checkpoint import CORRUPT, DIVERGED, Checkpointer
+from engram_jax.train import loop
 
 _FAST = ("--checkpoint_every=1",)
 
@@ -66,7 +66,7 @@ def _abstract_state(corpus):
   """The checkpoint tree of a `tiny` run, as shapes."""
   exp = presets.tiny()
   _, trainer = loop.build_trainer(exp, loop.data_config(exp, (corpus,)))
-  return checkpoint_tree(trainer.abstract_state(exp.train.batch_size, exp.train.seq_len))
+  return trainer.checkpoint_tree(trainer.abstract_state(exp.train.batch_size, exp.train.seq_len))
 
 
 def _wait_for(predicate, proc, timeout=240.0) -> bool:
@@ -185,7 +185,7 @@ def test_no_good_checkpoint_is_refused(finished_run):
   r = _train(workdir, corpus, "--resume")
   _assert_one_line_error(r, errors.EXIT_ERROR, "no good checkpoint", "steps [3, 6]")
   assert sorted(os.listdir(workdir / "checkpoints" / CORRUPT)) == ["3", "6"]
-  assert rundir.checkpoint_steps(workdir) == []
+  assert folder.checkpoint_steps(workdir) == []
   assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
@@ -218,7 +218,7 @@ def test_read_only_mid_run_is_one_line_and_keeps_the_last_checkpoint(small_corpu
       stderr=subprocess.PIPE,
       text=True,
     )
-    assert _wait_for(lambda: rundir.checkpoint_steps(workdir), proc)
+    assert _wait_for(lambda: folder.checkpoint_steps(workdir), proc)
     if disk is not None:  # the filesystem turns read-only under the running job
       subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
       expected = "Read-only file system"
@@ -234,7 +234,7 @@ def test_read_only_mid_run_is_one_line_and_keeps_the_last_checkpoint(small_corpu
     restored = Checkpointer(workdir / "checkpoints", read_only=True).restore_latest(
       _abstract_state(small_corpus)
     )
-    assert restored[0] == rundir.checkpoint_steps(workdir)[-1]
+    assert restored[0] == folder.checkpoint_steps(workdir)[-1]
 
 
 @contextlib.contextmanager
@@ -269,7 +269,7 @@ def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(small_corpus, tmp_p
       r = _train(workdir, small_corpus, *_FAST, preexec_fn=_limit_file_size)
       expected = "File too large"
     _assert_one_line_error(r, errors.EXIT_ERROR, expected)
-    steps = rundir.checkpoint_steps(workdir)
+    steps = folder.checkpoint_steps(workdir)
     assert steps, "no checkpoint was written before the disk filled"
     abstract = _abstract_state(small_corpus)
     restored = Checkpointer(workdir / "checkpoints", read_only=True).restore_latest(abstract)
@@ -306,10 +306,10 @@ def test_a_loss_spike_stops_training_and_keeps_earlier_checkpoints(small_corpus,
   )
   with pytest.raises(errors.TrainingDiverged, match="step 4 is above 4x the median"):
     loop.train(exploding, tmp_path, corpus_files=(small_corpus,), progress=False)
-  assert rundir.checkpoint_steps(tmp_path) == [1, 2]  # the parameters of step 3 gave the spike
+  assert folder.checkpoint_steps(tmp_path) == [1, 2]  # the parameters of step 3 gave the spike
   assert os.listdir(tmp_path / "checkpoints" / DIVERGED) == ["3"]
   calmer = dataclasses.replace(exploding, optim=exp.optim)  # resume with a lower rate
   results = loop.train(calmer, tmp_path, corpus_files=(small_corpus,), progress=False, resume=True)
-  assert np.isfinite(results["val_loss"]) and rundir.checkpoint_steps(tmp_path)[-1] == 10
+  assert np.isfinite(results["val_loss"]) and folder.checkpoint_steps(tmp_path)[-1] == 10
   record = json.loads((tmp_path / "run.json").read_text())
   assert record["resumes"][0]["from_step"] == 2 and record["config"]["optim"]["lr"] == exp.optim.lr

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from engram_jax import presets
+from engram_jax.run.checkpoint import Checkpointer
 from engram_jax.train import compare, loop
-from engram_jax.train.checkpoint import Checkpointer
-from engram_jax.train.step import checkpoint_tree
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
   tokens = np.arange(4000, dtype=np.int32) % 500
   _, trainer = loop.build_trainer(pipeline_exp, data_cfg, tokens)
   t = pipeline_exp.train
-  abstract = checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
+  abstract = trainer.checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
   restored = Checkpointer(copy).restore_latest(abstract)
   assert restored is not None and restored[0] == 3
 
@@ -94,7 +93,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_corpus, tmp_path):
   assert steps and max(steps) < 20
   data_cfg = loop.data_config(exp, (small_corpus,))
   _, trainer = loop.build_trainer(exp, data_cfg)
-  abstract = checkpoint_tree(trainer.abstract_state(2, 32))
+  abstract = trainer.checkpoint_tree(trainer.abstract_state(2, 32))
   _, state, _, _ = ckpt.restore_latest(abstract)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
 

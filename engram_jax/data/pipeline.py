@@ -32,6 +32,7 @@ import numpy as np
 import tokenizers
 from absl import logging
 
+from engram_jax.config import TrainConfig
 from engram_jax.data import corpus, tokenizer_train
 from engram_jax.tokenization import load_tokenizer
 
@@ -60,11 +61,12 @@ class DataConfig:
 
   corpus_files: tuple[str, ...] = ()
   tokenizer_file: str | None = None
-  seq_len: int = 256
-  batch_size: int = 16
-  val_fraction: float = 0.05
+  # The knobs a training run also has take its defaults (one default per knob).
+  seq_len: int = TrainConfig.seq_len
+  batch_size: int = TrainConfig.batch_size
+  val_fraction: float = TrainConfig.val_fraction
   val_batches: int | None = None
-  seed: int = 0
+  seed: int = TrainConfig.seed
   separator: str | None = corpus.DEFAULT_SEPARATOR
   num_threads: int = 2
   prefetch: int = 4

@@ -1,8 +1,13 @@
-"""Text generation from a trained checkpoint, reading the Engram rows from any memory backend.
+"""Text generation from a trained run, reading the Engram rows from any memory backend.
 
 The serving loop of paper §2.5: the hash ids of the next forward pass depend only on the tokens,
 so they are computed on the host and the rows fetched from wherever the table lives (`device`,
 `host`, `tiered`, ... through `engram_jax.memory.create`) before the jitted forward runs.
+
+A `Generator` is built from the pieces of `engram_jax.run.load_run` (model config, params,
+balancing biases, tables, tokenizer, Engram hashing) and a `tokens_to_logits` closure over the
+model; nothing here imports the training code. A 'tiered' cache is calibrated from the prompt
+stream: the row ids of the first prompt (or of any texts given to `calibrate`).
 
 `generate` decodes incrementally: one prefill of the prompt, then one token per step with the
 attention keys/values and the Engram convolution state in a `DecodeCache`; a new token's hash
@@ -13,23 +18,22 @@ ids need only the last N tokens. `next_token_logits` runs the full forward over 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
-from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 
 from engram_jax import memory, presets
-from engram_jax.config import experiment_from_dict
-from engram_jax.data import encode_corpus
-from engram_jax.model import init_decode_cache
+from engram_jax.config import ModelConfig
+from engram_jax.data import default_tokenizer_path
+from engram_jax.data.tokenizer_train import SpecialTokenIds, special_token_ids
+from engram_jax.hashing import EngramHashing
+from engram_jax.model import EngramLM, init_decode_cache
+from engram_jax.run import LoadedRun, load_run
 from engram_jax.tokenization import load_tokenizer
-from engram_jax.train import loop, rundir
-from engram_jax.train import tables as tables_lib
-from engram_jax.train.checkpoint import Checkpointer
-from engram_jax.train.step import Trainer, checkpoint_tree, from_checkpoint_tree, table_key
 
 # Sequences (and decoding caches) are padded to a multiple of this, so the forward compiles
 # once per bucket.
@@ -40,31 +44,27 @@ def _bucket(n: int) -> int:
   return -(-n // _BUCKET) * _BUCKET
 
 
-def _recorded_file(entry: dict, what: str, flag: str) -> str:
-  """The path of a file recorded in run.json, which must still exist."""
-  path = entry["path"]
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"the run's {what} {path} is missing; pass it with {flag}")
-  return path
-
-
 @dataclasses.dataclass
 class Generator:
-  """A trained model, its tokenizer and hasher, and one memory table per Engram layer.
+  """A trained model, its tokenizer and hashing, and one memory table per Engram layer.
 
   Attributes:
-    trainer: the model and table layouts.
+    model_cfg: the model.
     params: backbone parameters.
     balance: MoE balancing biases.
     tables: {layer: table object of `engram_jax.memory`}.
-    pipeline: the data pipeline (tokenizer, hash function).
+    tokenizer: the run's tokenizer.
+    special_ids: its pad / bos / eos ids.
+    hashing: the Engram wiring (compressor, hasher, layouts), or None without Engram.
   """
 
-  trainer: Trainer
+  model_cfg: ModelConfig
   params: dict
   balance: dict
   tables: dict
-  pipeline: object
+  tokenizer: tokenizers.Tokenizer
+  special_ids: SpecialTokenIds
+  hashing: EngramHashing | None
 
   @classmethod
   def from_checkpoint(
@@ -72,119 +72,119 @@ class Generator:
     workdir: str | os.PathLike,
     preset: str | None = None,
     memory_kind: str = "device",
-    corpus_files=None,
     tokenizer_file: str | None = None,
     **memory_options,
   ) -> Generator:
-    """Loads the newest good checkpoint of a run and puts its tables into `memory_kind` tables.
-
-    The model, tokenizer and corpus (which calibrates a tiered cache) are the run's, read from
-    its `run.json`; `preset`, `corpus_files` and `tokenizer_file` override them (a run of an
-    older version, without run.json, needs `preset` and the files it was trained with).
-    Checkpoints are verified as in training but never moved: a corrupt step is skipped.
+    """Loads a run (`engram_jax.run.load_run`: its model and tokenizer from run.json, which
+    `preset` and `tokenizer_file` override) and puts its tables into `memory_kind` tables.
 
     Raises:
-      FileNotFoundError: no checkpoint in `workdir`, or a recorded file is missing.
-      ValueError: no run.json and no preset; a tokenizer whose vocabulary is not the run's.
-      CheckpointMismatch, NoGoodCheckpoint: see `Checkpointer.restore_latest`.
+      FileNotFoundError, ValueError, CheckpointMismatch, NoGoodCheckpoint: see `load_run`.
     """
-    workdir = Path(workdir)
-    ckpt_dir = workdir / rundir.CHECKPOINTS
-    if not ckpt_dir.is_dir():
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train a run there first")
-    record = rundir.read_run(workdir)
-    if preset is not None:
-      exp = presets.get(preset)
-    elif record is not None:
-      exp = experiment_from_dict(record["config"])
-    else:
-      raise ValueError(f"{workdir} has no {rundir.RUN_FILE} (an older run): pass its --preset")
-    if tokenizer_file is None and record is not None:
-      tokenizer_file = _recorded_file(record["tokenizer"], "tokenizer", "--tokenizer")
-    if corpus_files is None:
-      corpus_files = (
-        [_recorded_file(f, "corpus file", "--corpus") for f in record["corpus"]] if record else ()
+    run = load_run(workdir, preset=preset, tokenizer_file=tokenizer_file)
+    return cls.from_run(run, memory_kind, **memory_options)
+
+  @classmethod
+  def from_run(cls, run: LoadedRun, memory_kind: str = "device", **memory_options) -> Generator:
+    """A generator over a loaded run, its tables in `memory_kind` tables."""
+    tables = {
+      layer: memory.create(
+        memory_kind, num_rows=rows.shape[0], dim=rows.shape[1], rows=rows, **memory_options
       )
-    data_cfg = loop.data_config(exp, corpus_files, tokenizer_file)
-    vocab = load_tokenizer(data_cfg.tokenizer_path()).get_vocab_size()
-    trained_vocab = record["config"]["model"]["vocab_size"] if record else vocab
-    if vocab != trained_vocab:
-      raise ValueError(
-        f"tokenizer {data_cfg.tokenizer_path()} has {vocab} ids; the run in {workdir} was "
-        f"trained with a vocabulary of {trained_vocab} (its tokenizer: "
-        f"{record['tokenizer']['path']}); pass that tokenizer with --tokenizer"
-      )
-    pipeline, trainer = loop.build_trainer(exp, data_cfg, encode_corpus(data_cfg))
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    try:
-      t = exp.train
-      abstract = checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
-      restored = ckpt.restore_latest(abstract)
-    finally:
-      ckpt.close()
-    if restored is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train a run there first")
-    state = from_checkpoint_tree(restored[1])
-    return cls._from_state(trainer, pipeline, state, memory_kind, memory_options)
+      for layer, rows in run.tables.items()
+    }
+    return cls(
+      run.model_cfg, run.params, run.balance, tables, run.tokenizer, run.special_ids, run.hashing
+    )
 
   @classmethod
   def untrained(
     cls,
     preset: str,
     memory_kind: str = "device",
-    corpus_files=(),
     tokenizer_file: str | None = None,
     seed: int = 0,
     **memory_options,
   ) -> Generator:
     """A freshly initialised model of `preset` (for measuring speed, or a baseline)."""
-    exp = presets.get(preset)
-    data_cfg = loop.data_config(exp, corpus_files, tokenizer_file)
-    pipeline, trainer = loop.build_trainer(exp, data_cfg, encode_corpus(data_cfg))
-    t = exp.train
-    state = jax.jit(lambda k: trainer.init(k, t.batch_size, t.seq_len))(jax.random.key(seed))
-    return cls._from_state(trainer, pipeline, state, memory_kind, memory_options)
-
-  @classmethod
-  def _from_state(cls, trainer, pipeline, state, memory_kind: str, memory_options: dict):
-    """Puts the state's tables into `memory_kind` tables. A 'tiered' cache starts with the
-    rows the first training batches read most, as in training (`tables.CALIBRATION_BATCHES`)."""
-    tables = {}
-    for layer in trainer.layouts:
-      rows = np.asarray(state.tables[table_key(layer)].table)
-      tables[layer] = memory.create(
-        memory_kind, num_rows=rows.shape[0], dim=rows.shape[1], rows=rows, **memory_options
+    tokenizer = load_tokenizer(tokenizer_file or default_tokenizer_path())
+    model_cfg = dataclasses.replace(
+      presets.get(preset).model, vocab_size=tokenizer.get_vocab_size()
+    )
+    hashing = None
+    if model_cfg.engram is not None:
+      hashing = EngramHashing.from_tokenizer(
+        model_cfg.engram, tokenizer, init_std=model_cfg.engram_init_std
       )
-    if memory_kind == "tiered":
-      batches = list(itertools.islice(iter(pipeline.train), tables_lib.CALIBRATION_BATCHES))
-      for layer, layout in trainer.layouts.items():
-        tables[layer].calibrate([layout.row_ids(b["hash_ids"][layer]) for b in batches])
-    return cls(trainer, state.params, state.balance, tables, pipeline)
+    layouts = hashing.layouts if hashing is not None else {}
+    k_model, k_tables = jax.random.split(jax.random.key(seed))
+    rows = {layer: jnp.zeros((1, 1, lay.num_heads, lay.dim)) for layer, lay in layouts.items()}
+    init = jax.jit(
+      lambda k: nn.unbox(EngramLM(model_cfg).init(k, jnp.zeros((1, 1), jnp.int32), rows))
+    )
+    variables = init(k_model)
+    tables = {
+      layer: np.asarray(lay.init(jax.random.fold_in(k_tables, i)))
+      for i, (layer, lay) in enumerate(sorted(layouts.items()))
+    }
+    run = LoadedRun(
+      workdir=None,
+      experiment=dataclasses.replace(presets.get(preset), model=model_cfg),
+      tokenizer=tokenizer,
+      special_ids=special_token_ids(tokenizer),
+      hashing=hashing,
+      step=0,
+      params=variables["params"],
+      balance=variables.get("balance", {}),
+      tables=tables,
+    )
+    return cls.from_run(run, memory_kind, **memory_options)
 
   def __post_init__(self):
+    model = EngramLM(self.model_cfg)
+
+    def tokens_to_logits(params, balance, tokens, rows, positions=None, cache=None):
+      """Logits [1, T, V] of raw tokens [1, T] and their Engram rows {layer: [1, T, H, Dh]};
+      with a decoding cache, also the cache updated by these tokens."""
+      variables = {"params": params, "balance": balance}
+      if cache is None:
+        return model.apply(variables, tokens, rows)[0], None
+      logits, _, cache = model.apply(variables, tokens, rows, positions=positions, cache=cache)
+      return logits, cache
+
     def logits_at(params, balance, tokens, rows, pos):
-      logits, _ = self.trainer.model.apply({"params": params, "balance": balance}, tokens, rows)
-      return logits[0, pos]  # [1, Tp, V] -> [V]
+      return tokens_to_logits(params, balance, tokens, rows)[0][0, pos]  # [1, T, V] -> [V]
 
     def decode(params, balance, tokens, rows, positions, cache):
-      variables = {"params": params, "balance": balance}
-      logits, _, cache = self.trainer.model.apply(
-        variables, tokens, rows, positions=positions, cache=cache
-      )
+      logits, cache = tokens_to_logits(params, balance, tokens, rows, positions, cache)
       return logits[0, -1], cache  # [1, T, V] -> [V]
 
     self._logits = jax.jit(logits_at)
     self._decode = jax.jit(decode, donate_argnums=5)
-    self._hash_fn, _ = loop.engram_hashing(self.trainer.model_cfg, self.pipeline.tokenizer)
+    self._calibrated = False
+
+  def calibrate(self, texts) -> None:
+    """Fills each table's device cache (a 'tiered' table; others ignore it) with the rows the
+    given texts read most: the prompt stream of a serving process."""
+    if not self.tables:
+      return
+    ids = [np.asarray([self.tokenizer.encode(t).ids], np.int64) for t in texts]
+    for layer, table in self.tables.items():
+      if hasattr(table, "calibrate"):
+        layout = self.hashing.layouts[layer]
+        table.calibrate(
+          [np.asarray(layout.row_ids(self.hashing.hash_ids(x)[layer])) for x in ids if x.size]
+        )
+    self._calibrated = True
 
   def _rows(self, tokens: np.ndarray, last: int | None = None) -> dict:
     """Rows of every Engram layer for raw tokens [1, T]: {layer: [1, T, H, Dh]}, or only for
     the `last` positions ([1, last, H, Dh]); hashing sees all of `tokens` as context."""
     rows = {}
     if self.tables:
-      hash_ids = self._hash_fn(tokens)  # {layer: [1, T, H]}, on the host
-      for layer, layout in self.trainer.layouts.items():
-        row_ids = hash_ids[layer] + layout.offsets  # [1, T, H]
+      hash_ids = self.hashing.hash_ids(tokens)  # {layer: [1, T, H]}, on the host
+      for layer, layout in self.hashing.layouts.items():
+        row_ids = np.asarray(layout.row_ids(hash_ids[layer]))  # [1, T, H] flat row ids
         if last is not None:
           row_ids = row_ids[:, -last:]  # [1, T, H] -> [1, last, H]
         rows[layer] = jnp.asarray(self.tables[layer].fetch(row_ids))  # [1, ., H, Dh]
@@ -193,7 +193,7 @@ class Generator:
   def next_token_logits(self, ids: list[int]) -> np.ndarray:
     """Logits [V] of the token after `ids`."""
     t = len(ids)
-    tokens = np.full((1, _bucket(t)), self.pipeline.special_ids.pad, np.int64)
+    tokens = np.full((1, _bucket(t)), self.special_ids.pad, np.int64)
     tokens[0, :t] = ids
     rows = self._rows(tokens)
     return np.asarray(
@@ -203,11 +203,11 @@ class Generator:
   def greedy_without_cache(self, prompt: str, max_new_tokens: int) -> list[int]:
     """The new token ids of greedy decoding that runs `next_token_logits` (the full forward)
     for every token: the reference of `generate` (same tokens, stops after EOS too)."""
-    ids = self.pipeline.tokenizer.encode(prompt).ids
+    ids = self.tokenizer.encode(prompt).ids
     out = list(ids)
     for _ in range(max_new_tokens):
       out.append(int(np.argmax(self.next_token_logits(out))))
-      if out[-1] == self.pipeline.special_ids.eos:
+      if out[-1] == self.special_ids.eos:
         break
     return out[len(ids) :]
 
@@ -219,14 +219,16 @@ class Generator:
     Raises:
       ValueError: an empty prompt, or max_new_tokens < 0.
     """
-    ids = self.pipeline.tokenizer.encode(prompt).ids
+    ids = self.tokenizer.encode(prompt).ids
     if not ids:
       raise ValueError(f"prompt: expected at least one token, got {prompt!r}")
     if max_new_tokens < 0:
       raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    if not self._calibrated:
+      self.calibrate([prompt])
     rng = np.random.default_rng(seed)
     out = list(ids)
-    cfg = self.trainer.model_cfg
+    cfg = self.model_cfg
     context = cfg.engram.max_ngram_size if cfg.engram else 1  # tokens a new hash id reads
     cache = init_decode_cache(cfg, 1, _bucket(len(ids) + max_new_tokens))
     new = np.asarray([ids], np.int64)  # [1, T]: the prompt (prefill), then one token per step
@@ -249,7 +251,7 @@ class Generator:
         p = np.exp((logits - logits.max()) / temperature)
         nxt = int(rng.choice(len(p), p=p / p.sum()))
       out.append(nxt)
-      if nxt == self.pipeline.special_ids.eos:
+      if nxt == self.special_ids.eos:
         break
       new = np.asarray([[nxt]], np.int64)
-    return self.pipeline.tokenizer.decode(out[len(ids) :])
+    return self.tokenizer.decode(out[len(ids) :])

@@ -76,22 +76,22 @@ def _attend(
   """Masked softmax attention with query heads grouped over shared key/value heads.
 
   Args:
-    q: [B, T, G, R, Da] queries, R query heads per key/value head.
+    q: [B, T, G, Qg, Da] queries, Qg query heads per key/value head.
     k: [B, S, G, Da] keys.
     v: [B, S, G, Da] values.
     mask: [B, T, S] True where query t may attend to key s.
     dtype: dtype of the probabilities fed to the value product.
 
   Returns:
-    [B, T, G, R, Da] attention outputs in `dtype`.
+    [B, T, G, Qg, Da] attention outputs in `dtype`.
   """
   scale = q.shape[-1] ** -0.5
-  # [B, T, G, R, Da] x [B, S, G, Da] -> [B, G, R, T, S], accumulated in float32.
+  # [B, T, G, Qg, Da] x [B, S, G, Da] -> [B, G, Qg, T, S], accumulated in float32.
   logits = jnp.einsum("btgra,bsga->bgrts", q, k, preferred_element_type=jnp.float32) * scale
   # [B, T, S] -> [B, 1, 1, T, S]: the same mask for every head.
   logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
   probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  # [B, G, R, T, S] x [B, S, G, Da] -> [B, T, G, R, Da]
+  # [B, G, Qg, T, S] x [B, S, G, Da] -> [B, T, G, Qg, Da]
   return jnp.einsum("bgrts,bsga->btgra", probs, v.astype(dtype))
 
 
@@ -135,7 +135,7 @@ class CausalSelfAttention(nn.Module):
     """Attends each position to itself and the positions before it.
 
     Shapes: B batch, T sequence (new tokens), S key/value sequence (cache slots), D model
-    width, Q query heads, G key/value heads, R = Q // G, Da head width.
+    width, Q query heads, G key/value heads, Qg = Q // G, Da head width.
 
     Without a cache, position t attends to inputs 0..t of `x` (mask by index; `positions` only
     sets the RoPE angles). With a cache, the new keys/values are written to the slots named by
@@ -197,10 +197,10 @@ class CausalSelfAttention(nn.Module):
       # [B, T, 1] >= [1, 1, S] -> [B, T, S]: slots after the query position are unwritten.
       mask = positions[:, :, None] >= slots[None, None, :]
 
-    # [B, T, Q, Da] -> [B, T, G, R, Da]: consecutive query heads share a key/value head.
+    # [B, T, Q, Da] -> [B, T, G, Qg, Da]: consecutive query heads share a key/value head.
     q = q.reshape(b, t, kv_heads, q_heads // kv_heads, da)
     out = _attend(q, k.astype(self.dtype), v, mask, self.dtype)
-    # [B, T, G, R, Da] -> [B, T, Q, Da]
+    # [B, T, G, Qg, Da] -> [B, T, Q, Da]
     out = out.reshape(b, t, q_heads, da)
     # [B, T, Q, Da] -> [B, T, D]
     y = jnp.einsum("btqa,qad->btd", out, w_o)

@@ -8,7 +8,7 @@ host-offloaded tables.
     k_m    = RMSNorm_k,m(W_K,m e + b_K,m),  q_m = RMSNorm_q,m(h_m)  [B, T, M, D]
     s_m    = <q_m, k_m> / sqrt(D);  alpha_m = sigmoid(sign(s) sqrt(max(|s|, 1e-6)))
     u_m    = alpha_m * (W_V e + b_V)                               [B, T, M, D]
-    Y      = u + SiLU(CausalDepthwiseConv_dilation=N(RMSNorm_m(u)))  (eq. 5)
+    Y      = u + SiLU(CausalDepthwiseConv_dilation=Ng(RMSNorm_m(u)))  (eq. 5)
 
 The M key projections and the value projection are one fused matmul. The conv starts at zero,
 so at initialisation the layer outputs exactly the gated value `u`.
@@ -69,7 +69,7 @@ class Engram(nn.Module):
   """Gated Engram memory read plus short convolution (returns the branch update Y).
 
   Attributes:
-    max_ngram_size: N; the convolution's dilation.
+    max_ngram_size: Ng; the convolution's dilation.
     kernel_size: W, taps of the short convolution.
     conv_eps: eps of the convolution's per-branch RMSNorms (1e-5 in the reference).
     qk_eps: eps of the query/key RMSNorms (float32 machine epsilon in the reference).
@@ -86,7 +86,7 @@ class Engram(nn.Module):
 
   @property
   def conv_state_length(self) -> int:
-    """L = (W - 1) * N: past positions the convolution reads (the decoding state)."""
+    """(W - 1) * Ng: past positions the convolution reads (the decoding state)."""
     return (self.kernel_size - 1) * self.max_ngram_size
 
   @nn.compact
@@ -98,14 +98,14 @@ class Engram(nn.Module):
     Args:
       hidden: [B, T, M, D] branch hidden states (or [B, T, D] for M = 1).
       rows: [B, T, H, Dh] memory rows fetched for this layer's hash ids.
-      conv_state: for incremental decoding, [B, L, M*D] convolution inputs of the L positions
-        before these T (zeros before the sequence start: a prefill from zeros equals the
-        plain call).
+      conv_state: for incremental decoding, [B, (W-1)*Ng, C] convolution inputs (C = M*D) of
+        the `conv_state_length` positions before these T (zeros before the sequence start: a
+        prefill from zeros equals the plain call).
 
     Returns:
       [B, T, M, D] float32 (the caller adds it to the residual streams); [B, T, D] when
       `hidden` was given as [B, T, D]. With `conv_state`, the tuple (Y, the next state
-      [B, L, M*D]: the last L convolution inputs).
+      [B, (W-1)*Ng, C]: the last (W - 1) * Ng convolution inputs).
     """
     check_engram_inputs(hidden.shape, rows.shape)
     single_stream = hidden.ndim == 3
@@ -166,15 +166,15 @@ class Engram(nn.Module):
       lag = self.conv_state_length
       if conv_state.shape != (b, lag, m * d):
         raise ValueError(
-          f"conv_state: expected [B, L, M*D] = {(b, lag, m * d)}, got {conv_state.shape}"
+          f"conv_state: expected [B, (W-1)*Ng, M*D] = {(b, lag, m * d)}, got {conv_state.shape}"
         )
-      x = jnp.concatenate([conv_state.astype(self.dtype), x], axis=1)  # [B, L + T, C]
+      x = jnp.concatenate([conv_state.astype(self.dtype), x], axis=1)  # [B, (W-1)*Ng + T, C]
     y = causal_depthwise_conv(x, conv_kernel.astype(self.dtype), self.max_ngram_size)
     if conv_state is not None:
-      y = y[:, lag:]  # [B, L + T, C] -> [B, T, C]
+      y = y[:, lag:]  # [B, (W-1)*Ng + T, C] -> [B, T, C]
     y = jax.nn.silu(y.astype(jnp.float32)).reshape(b, t, m, d)  # [B, T, C] -> [B, T, M, D]
     out = u + y
     out = out[:, :, 0] if single_stream else out
     if conv_state is None:
       return out
-    return out, x[:, x.shape[1] - lag :]  # [B, L + T, C] -> [B, L, C]
+    return out, x[:, x.shape[1] - lag :]  # [B, (W-1)*Ng + T, C] -> [B, (W-1)*Ng, C]

@@ -1,15 +1,19 @@
 """Where Engram rows live and how they are fetched.
 
-`create(kind, num_rows=..., dim=...)` returns a table object with one interface for every
-backend (`base.MemoryTable`: `fetch`, `apply_gradients`, `save`, `restore`, `stats`):
+`backend(memory_cfg, mesh)` is the contract a jitted train step uses (`backends`): pure
+`init` / `lookup` / `update` / `shardings` / `calibrate` over one state pytree per table, and
+`persistent` / `from_persistent` for checkpoints, the same for every kind.
+
+`create(kind, num_rows=..., dim=...)` returns a stateful table object for serving and
+benchmarks, with one interface for every kind (`base.MemoryTable`: `fetch`,
+`apply_gradients`, `stats`), run by the same backend modules' functions:
 
 - 'device': one array in accelerator memory (`device.DeviceTable`);
 - 'sharded': rows split over a mesh axis, fetched with all-to-all (`sharded.ShardedTable`);
 - 'host': the table in pinned host memory, only fetched rows cross (`host.HostTable`);
 - 'tiered': a device cache of hot rows over a host or disk table (`tiered.TieredTable`).
 
-Each backend module also has a pure-functional core (`init`/`lookup`/`update`) for a jitted
-train step; docs/memory.md explains how to choose and how a step calls each one.
+Both look a kind up in one registry (`backends`). docs/memory.md explains how to choose.
 """
 
 from __future__ import annotations
@@ -18,16 +22,11 @@ import inspect
 
 import jax.numpy as jnp
 
+from engram_jax.memory import backends as backend_lib
 from engram_jax.memory import base, device, host, sharded, storage, tiered
-from engram_jax.memory.base import KINDS, MemoryTable, TableState
+from engram_jax.memory.backends import KINDS, backend
+from engram_jax.memory.base import MemoryTable, TableState
 from engram_jax.memory.table import TableLayout
-
-_CLASSES = {
-  "device": device.DeviceTable,
-  "sharded": sharded.ShardedTable,
-  "host": host.HostTable,
-  "tiered": tiered.TieredTable,
-}
 
 
 def _options(cls) -> set[str]:
@@ -37,9 +36,7 @@ def _options(cls) -> set[str]:
 
 def options(kind: str) -> list[str]:
   """The keyword options `create` accepts for a backend."""
-  if kind not in _CLASSES:
-    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-  names = _options(_CLASSES[kind])
+  names = _options(backend_lib.table_class(kind))
   if kind == "tiered":
     names |= _options(host.HostTable) - {"init_std"}
   return sorted(names)
@@ -77,8 +74,7 @@ def create(
   Raises:
     ValueError: for an unknown kind, an option the backend does not take, or bad values.
   """
-  if kind not in _CLASSES:
-    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+  cls = backend_lib.table_class(kind)
   unknown = sorted(set(opts) - set(options(kind)))
   if unknown:
     raise ValueError(f"{kind} table: unknown options {unknown}; it takes {options(kind)}")
@@ -86,7 +82,7 @@ def create(
     if kind != "sharded":
       raise ValueError(f"mesh: only the 'sharded' backend takes a mesh, not {kind!r}")
     opts["mesh"] = mesh
-  return _CLASSES[kind](num_rows, dim, dtype, seed, rows, **opts)
+  return cls(num_rows, dim, dtype, seed, rows, **opts)
 
 
 __all__ = [
@@ -94,6 +90,7 @@ __all__ = [
   "MemoryTable",
   "TableLayout",
   "TableState",
+  "backend",
   "base",
   "create",
   "device",

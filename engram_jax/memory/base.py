@@ -6,9 +6,7 @@ sparse Adam moments wherever its backend keeps them, and answers:
 - `fetch(ids) -> rows [..., Dh]`: ids are flat row ids of any shape (per-head offsets are the
   `TableLayout`'s job: `layout.row_ids(hash_ids)`);
 - `apply_gradients(ids, grads, lr, optim_cfg)`: lazy Adam on the rows `ids` touched
-  (`engram_jax.train.optimizer.sparse_adam_update` semantics);
-- `save(directory)` / `restore(directory)`: orbax checkpoints in one format for every backend,
-  so a checkpoint written by one backend restores into another;
+  (`engram_jax.memory.optimizer.sparse_adam_update` semantics);
 - `stats()`: fetches, rows, bytes moved, hit rates where they apply.
 
 Each backend module also has a pure-functional core for a jitted train step; see its docstring.
@@ -18,7 +16,8 @@ dtype: ids are range-checked in int64 (never after a narrowing cast, so 2**32 + 
 range, not row 5) and clamped to [0, R), or rejected with a ValueError by a table created with
 `out_of_range='raise'` (`prepare_ids`). The pure cores always clamp (`clip_ids`).
 
-Shapes: R table rows, Dh row width, N fetched ids (repeats allowed).
+Shapes: R table rows, Rp padded rows (R rounded up by a backend), Dh row width, N fetched ids
+(repeats allowed).
 """
 
 from __future__ import annotations
@@ -38,10 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import checkpoint
-from engram_jax.train.optimizer import TableOptState, init_table_state
+from engram_jax.memory.optimizer import TableOptState, init_table_state
 
-KINDS = ("device", "sharded", "host", "tiered")
 # What a table object does with an id outside [0, R): clamp it, or raise a ValueError.
 OUT_OF_RANGE = ("clamp", "raise")
 _INT32 = np.iinfo(np.int32)
@@ -57,13 +54,19 @@ class TableState(NamedTuple):
   """A table and its sparse Adam state: the pytree the pure-functional cores pass around.
 
   Attributes:
-    table: [R, Dh] rows (a backend may pad R, e.g. to a multiple of the shards).
+    table: [R, Dh] rows (a backend may pad them to [Rp, Dh], e.g. to a multiple of the shards).
     opt: the moments `TableOptState(mu [R, Dh], nu [R, Dh], count [])`, or None for a
       read-only table.
   """
 
   table: jax.Array
   opt: TableOptState | None
+
+
+def padded_rows(num_rows: int, multiple: int) -> int:
+  """R rounded up to a multiple of `multiple` (the shards, or the alignment every backend's
+  training state shares); padding rows are never addressed."""
+  return -(-num_rows // multiple) * multiple
 
 
 def init_state(table: jax.Array) -> TableState:
@@ -402,7 +405,7 @@ class MemoryTable(abc.ABC):
   """The interface of every backend (see the module docstring).
 
   Attributes:
-    kind: the backend's name, one of `KINDS`.
+    kind: the backend's name, one of `engram_jax.config.MEMORY_KINDS`.
     num_rows: R.
     dim: Dh.
     dtype: dtype of the rows `fetch` returns.
@@ -436,39 +439,12 @@ class MemoryTable(abc.ABC):
     """Lazy Adam on the rows read: ids [...] with their gradients [..., Dh] (repeats summed)."""
 
   @abc.abstractmethod
-  def _checkpoint_items(self) -> dict:
-    """{"table": [R or more, Dh], and "mu", "nu", "count" if trainable}: arrays to save."""
-
-  @abc.abstractmethod
-  def _restore_items(self, directory, meta: dict) -> None:
-    """Loads the arrays of a checkpoint (any backend's) into this object."""
+  def _arrays(self) -> dict:
+    """{"table": [R or Rp, Dh] (decoded to `dtype`), and "mu", "nu", "count" if trainable}."""
 
   def rows(self) -> np.ndarray:
     """The whole table [R, Dh] in `dtype` as a NumPy array (for tests and conversions)."""
-    return np.asarray(self._checkpoint_items()["table"])[: self.num_rows]
-
-  def save(self, directory) -> None:
-    """Writes the table and its moments with orbax (every process of a multi-host run calls
-    this; each writes its own shards)."""
-    items = self._checkpoint_items()
-    meta = {
-      "kind": self.kind,
-      "num_rows": self.num_rows,
-      "dim": self.dim,
-      "dtype": self.dtype.name,
-      "has_opt": "mu" in items,
-    }
-    checkpoint.save(directory, items, meta)
-
-  def restore(self, directory) -> None:
-    """Reads a checkpoint written by any backend with the same R and Dh."""
-    meta = checkpoint.read_meta(directory)
-    if (meta["num_rows"], meta["dim"]) != (self.num_rows, self.dim):
-      raise ValueError(
-        f"{directory}: checkpoint of a [{meta['num_rows']}, {meta['dim']}] table, this "
-        f"table is [{self.num_rows}, {self.dim}]"
-      )
-    self._restore_items(directory, meta)
+    return np.asarray(self._arrays()["table"])[: self.num_rows]
 
   def stats(self) -> dict:
     """The counters of `Stats` as a dict, with `hit_rate`."""

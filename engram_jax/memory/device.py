@@ -26,15 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, checkpoint, dispatch
+from engram_jax.memory import base, dispatch
+from engram_jax.memory.optimizer import sparse_adam_update
 from engram_jax.memory.table import TableLayout
-from engram_jax.train.optimizer import TableOptState, sparse_adam_update
 
 ENGINES = ("auto", "jit", "numpy")
 
 
 def fetch(
-  layout: TableLayout, table: jax.Array, ids: jax.Array, implementation: str | None = None
+  layout: TableLayout, table: jax.Array, ids: jax.Array, implementation: str = "auto"
 ) -> jax.Array:
   """Reads every head's row.
 
@@ -64,7 +64,7 @@ def init(rows, device: jax.Device | None = None, trainable: bool = True) -> base
   return jax.jit(base.init_state)(table)
 
 
-def lookup(state: base.TableState, ids: jax.Array, implementation: str | None = None):
+def lookup(state: base.TableState, ids: jax.Array, implementation: str = "auto"):
   """Rows of flat row ids (pure; jit it). ids [...] -> rows [..., Dh], clamped to [0, R)."""
   table = state.table
   flat = base.clip_ids(ids, 0, table.shape[0] - 1).reshape(-1, 1)  # [...] -> [N, 1] int32
@@ -133,7 +133,7 @@ class DeviceTable(base.MemoryTable):
     init_std: float = 1.0,
     device: jax.Device | None = None,
     engine: str = "auto",
-    implementation: str | None = None,
+    implementation: str = "auto",
     threads: int | None = None,
     trainable: bool = True,
     out_of_range: str = "clamp",
@@ -177,37 +177,5 @@ class DeviceTable(base.MemoryTable):
     )
     self._count_update(int(np.prod(np.shape(ids))))
 
-  def _checkpoint_items(self) -> dict:
+  def _arrays(self) -> dict:
     return base.state_items(self.state)
-
-  def _restore_items(self, directory, meta: dict) -> None:
-    self.state = restore_state(
-      directory,
-      meta,
-      jax.sharding.SingleDeviceSharding(self.device),
-      (self.num_rows, self.dim),
-      self.dtype,
-      self.state.opt is not None,
-    )
-
-
-def restore_state(
-  directory, meta: dict, sharding, shape, dtype, trainable: bool
-) -> base.TableState:
-  """A checkpoint's table and moments restored straight into `sharding` (padded/truncated to
-  `shape`); moments start at zero when the checkpoint has none."""
-  targets = {"table": checkpoint.Target(shape, dtype, sharding)}
-  if meta["has_opt"]:
-    targets |= {k: checkpoint.Target(shape, np.dtype(np.float32), sharding) for k in ("mu", "nu")}
-    targets["count"] = checkpoint.Target((), np.dtype(np.int32), None)
-  items = checkpoint.restore(directory, targets)
-  if not trainable:
-    return base.TableState(items["table"], None)
-  if not meta["has_opt"]:
-    zeros = lambda: jax.make_array_from_callback(  # shard by shard, in the sharding's memory
-      shape, sharding, lambda index: np.zeros(shape, np.float32)[index]
-    )
-    return base.TableState(items["table"], TableOptState(zeros(), zeros(), jnp.int32(0)))
-  return base.TableState(
-    items["table"], TableOptState(items["mu"], items["nu"], jnp.asarray(items["count"]))
-  )

@@ -8,10 +8,9 @@ implementations return identical rows:
   for tests).
 - 'xla': `jnp.take` on the flat row ids; the gradient is XLA's scatter-add.
 
-'auto' picks 'pallas' when the default backend is a GPU and 'xla' elsewhere. When the caller
-passes `implementation=None`, the environment variable `ENGRAM_LOOKUP_IMPL` (pallas|xla|auto)
-chooses, and 'auto' if it is unset. The choice is made at trace time: a jitted function keeps the
-implementation it was traced with.
+'auto' (the default; `MemoryConfig.lookup_impl` in an experiment) picks 'pallas' when the
+default backend is a GPU and 'xla' elsewhere. The choice is made at trace time: a jitted
+function keeps the implementation it was traced with.
 
 Out-of-range rows are clamped to [0, R) by both implementations, the rule of every backend
 (`engram_jax.memory.base`): each head's ids are range-checked in their own dtype (int64 ids are
@@ -21,37 +20,31 @@ rows land in [0, R).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engram_jax.config import LOOKUP_IMPLS
 from engram_jax.memory import base
 from pallas_kernels.lookup import lookup as pallas_lookup
 
-ENV_VAR = "ENGRAM_LOOKUP_IMPL"
-IMPLEMENTATIONS = ("pallas", "xla", "auto")
+IMPLEMENTATIONS = LOOKUP_IMPLS
 
 
-def resolve_implementation(implementation: str | None = None) -> str:
-  """Turns an implementation name (or None: the environment, then 'auto') into 'pallas'/'xla'.
+def resolve_implementation(implementation: str = "auto") -> str:
+  """Turns an implementation name into 'pallas' or 'xla'.
 
   Args:
-    implementation: 'pallas', 'xla', 'auto' or None.
+    implementation: 'pallas', 'xla' or 'auto'.
 
   Returns:
     'pallas' or 'xla'.
 
   Raises:
-    ValueError: for any other name, in the argument or in `ENGRAM_LOOKUP_IMPL`.
+    ValueError: for any other name.
   """
-  source = "implementation"
-  if implementation is None:
-    implementation = os.environ.get(ENV_VAR) or "auto"
-    source = ENV_VAR
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"{source}: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
+    raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation == "auto":
     return "pallas" if jax.default_backend() == "gpu" else "xla"
   return implementation
@@ -77,7 +70,7 @@ def lookup(
   ids: jax.Array,
   offsets: jax.Array,
   *,
-  implementation: str | None = None,
+  implementation: str = "auto",
 ) -> jax.Array:
   """Reads every head's row from one flat table.
 
@@ -87,8 +80,7 @@ def lookup(
     table: [R, Dh] the flat table of all heads.
     ids: [..., H] integer row ids, each relative to its head's offset.
     offsets: [H] integer first row of each head.
-    implementation: 'pallas', 'xla' or 'auto'; None reads `ENGRAM_LOOKUP_IMPL` (default
-      'auto': Pallas on a GPU, XLA elsewhere).
+    implementation: 'pallas', 'xla' or 'auto' (Pallas on a GPU, XLA elsewhere).
 
   Returns:
     [..., H, Dh] rows in the table's dtype.

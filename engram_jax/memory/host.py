@@ -41,10 +41,10 @@ from jax.experimental import compute_on as _compute_on
 from jax.sharding import SingleDeviceSharding
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, checkpoint
+from engram_jax.memory import base
 from engram_jax.memory import storage as storage_lib
-from engram_jax.memory.device import ENGINES, restore_state
-from engram_jax.train.optimizer import TableOptState, sparse_adam_update
+from engram_jax.memory.device import ENGINES
+from engram_jax.memory.optimizer import TableOptState, dedup, sparse_adam_update
 
 HOST = jax.memory.Space.Host
 DEVICE = jax.memory.Space.Device
@@ -138,13 +138,13 @@ def update_rows(state: HostState, ids, grads, lr, cfg: OptimConfig):
   flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   n = flat.shape[0]
   # [N] -> [N] sorted unique ids padded with R, and each fetched id's slot among them.
-  unique, slot = jnp.unique(flat, size=n, fill_value=r, return_inverse=True)
+  unique, slot = dedup(flat, r)
   rows, mu, nu = _host_take([state.table, state.opt.mu, state.opt.nu], unique)
   # The touched rows as a compact table: the same Adam arithmetic, row for row, as on [R, Dh].
   new_rows, mini = sparse_adam_update(
     rows,
     TableOptState(mu, nu, state.opt.count),
-    slot.reshape(n),
+    slot,
     grads.reshape(n, dh),
     lr,
     cfg,  # [..., Dh] -> [N, Dh]
@@ -281,29 +281,8 @@ class HostTable(base.MemoryTable):
     )
     self._count_update(int(np.prod(np.shape(ids))))
 
-  def _checkpoint_items(self) -> dict:
+  def _arrays(self) -> dict:
     if self.storage == "int8":
       parts = {"values": np.asarray(self.state.table), "scale": np.asarray(self.state.scale)}
       return {"table": storage_lib.decode(parts, "int8", self.dtype)}
     return base.state_items(base.TableState(self.state.table, self.state.opt))
-
-  def _restore_items(self, directory, meta: dict) -> None:
-    shape = (self.num_rows, self.dim)
-    if self.storage == "int8":
-      rows = checkpoint.restore(directory, {"table": checkpoint.Target(shape, self.dtype, None)})[
-        "table"
-      ]
-      self.state = init(rows, self.device, "int8", trainable=False)
-      return
-    restored = restore_state(
-      directory,
-      meta,
-      host_sharding(self.device),
-      shape,
-      storage_lib.value_dtype(self.storage),
-      self.trainable,
-    )
-    opt = restored.opt
-    if opt is not None:
-      opt = opt._replace(count=jnp.asarray(opt.count))
-    self.state = HostState(restored.table, None, opt)

@@ -1,15 +1,15 @@
 """The `sharded` backend: rows split over one mesh axis, fetched with all-to-all.
 
-Shard s of S owns rows [s * Rs, (s + 1) * Rs) of a table padded to S * Rs rows. Inside
+Shard p of P owns rows [p * Rs, (p + 1) * Rs) of a table padded to Rp = P * Rs rows. Inside
 `shard_map`, each device takes its slice of the ids and:
 
 1. deduplicates them (`jnp.unique`, sorted, so the ids of one owner are contiguous) and
-   buckets them by owner into a [S, C] buffer of local row numbers, C = `capacity` (the mean
+   buckets them by owner into a [P, Cb] buffer of local row numbers, Cb = `capacity` (the mean
    bucket size times `slack`);
 2. exchanges the buckets with `all_to_all`, gathers the rows it owns for every requester, and
    sends them back with a second `all_to_all`; each fetched id reads its row from there.
 
-If any device has a bucket larger than C (checked with `pmax`, so every device agrees), the
+If any device has a bucket larger than Cb (checked with `pmax`, so every device agrees), the
 step takes the overflow path instead: `all_gather` of the deduplicated ids, each device fills
 the rows it owns, and `psum_scatter` returns every device its rows. No id is ever dropped.
 The sparse update travels the reverse route: per-device sums of each id's gradients go to
@@ -24,11 +24,12 @@ Pure-functional core for a jitted, data-parallel train step on the same mesh axi
     ... loss, grads w.r.t. rows (data parallel) ...
     state = sharded.update(state, ids, row_grads, lr, optim_cfg, spec)
 
-`ids.size` must be a multiple of S (e.g. a batch divisible by S); the rows come back sharded
+`ids.size` must be a multiple of P (e.g. a batch divisible by P); the rows come back sharded
 like the ids. Jit the step with the state donated; the spec is static.
 
-Shapes: R table rows (Rs per shard), Dh row width, S shards, n ids per device, C bucket
-capacity.
+Shapes: R table rows, P shards (devices on the mesh axis), Rs = ceil(R / P) rows per shard,
+Rp = P * Rs padded rows, Dh row width, N ids, n = N / P ids per device, Cb bucket capacity.
+(`P(...)` with arguments is jax's `PartitionSpec`, not the shard count.)
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ from jax.sharding import PartitionSpec as P
 
 from engram_jax.config import OptimConfig
 from engram_jax.memory import base
-from engram_jax.memory.device import restore_state
-from engram_jax.train.optimizer import TableOptState, init_table_state, sparse_adam_update
+from engram_jax.memory.optimizer import (
+  TableOptState,
+  dedup,
+  dedup_sum,
+  init_table_state,
+  sparse_adam_update,
+)
 
 ROUTES = ("all_to_all", "all_gather")
 
@@ -88,10 +94,10 @@ class ShardSpec:
 
   @property
   def padded_rows(self) -> int:
-    return self.rows_per_shard * self.shards
+    return base.padded_rows(self.num_rows, self.shards)
 
   def capacity(self, n: int) -> int:
-    """C: ids one device may send to one owner on the all-to-all path (a multiple of 8)."""
+    """Cb: ids one device may send to one owner on the all-to-all path (a multiple of 8)."""
     c = 8 * math.ceil(self.slack * n / self.shards / 8)
     return max(1, min(n, c))
 
@@ -106,45 +112,44 @@ class ShardSpec:
   ) -> int:
     """Bytes one device sends per fetch (or update) on a route, its own bucket excluded.
 
-    all_to_all: (S - 1) * C ids and (S - 1) * C rows (or gradients). all_gather: (S - 1) * n
-    ids and, through `psum_scatter` (fetch) or `all_gather` (update), (S - 1) * n rows.
+    all_to_all: (P - 1) * Cb ids and (P - 1) * Cb rows (or gradients). all_gather: (P - 1) * n
+    ids and, through `psum_scatter` (fetch) or `all_gather` (update), (P - 1) * n rows.
     """
     k = self.capacity(n) if route == "all_to_all" else n
     value_bytes = 4 if update else itemsize
     return (self.shards - 1) * k * (4 + dim * value_bytes)
 
 
-def _plan(ids, spec: ShardSpec, capacity: int):
-  """Deduplicated ids of one device bucketed by owner.
+def _plan(unique, inverse, spec: ShardSpec, capacity: int):
+  """Deduplicated ids of one device (`optimizer.dedup` with fill Rp) bucketed by owner.
 
-  Returns (unique [n] sorted ids padded with S * Rs, inverse [n] slot of each id, owner [n]
-  (S for padding), pos [n] place in the owner's bucket, send [S, C] local row numbers (Rs in
-  empty places), overflow: any bucket larger than C).
+  Returns (unique [n] sorted ids padded with Rp, inverse [n] slot of each id, owner [n]
+  (P for padding), pos [n] place in the owner's bucket, send [P, Cb] local row numbers (Rs in
+  empty places), overflow: any bucket larger than Cb).
   """
   s, rs = spec.shards, spec.rows_per_shard
-  n = ids.shape[0]
-  unique, inverse = jnp.unique(ids, size=n, fill_value=s * rs, return_inverse=True)
+  n = unique.shape[0]
   owner = unique // rs
   # Sorted ids: owner d's ids are unique[starts[d]:starts[d + 1]].
-  starts = jnp.searchsorted(unique, jnp.arange(s + 1, dtype=unique.dtype) * rs)  # [S + 1]
+  starts = jnp.searchsorted(unique, jnp.arange(s + 1, dtype=unique.dtype) * rs)  # [P + 1]
   pos = jnp.arange(n, dtype=jnp.int32) - starts[jnp.minimum(owner, s - 1)]
   send = (
     jnp.full((s, capacity), rs, jnp.int32)
     .at[owner, pos]
     .set((unique - owner * rs).astype(jnp.int32), mode="drop")
-  )  # [S, C]
+  )  # [P, Cb]
   overflow = jnp.max(starts[1:] - starts[:-1]) > capacity
-  return unique, inverse.reshape(n), owner, pos, send, overflow
+  return unique, inverse, owner, pos, send, overflow
 
 
 def _all_to_all(x, axis):
-  return lax.all_to_all(x, axis, 0, 0, tiled=True)  # [S, C, ...] -> [S, C, ...]
+  return lax.all_to_all(x, axis, 0, 0, tiled=True)  # [P, Cb, ...] -> [P, Cb, ...]
 
 
 def _rows_all_to_all(table, plan, axis):
   _, _, owner, pos, send, _ = plan
-  recv = _all_to_all(send, axis)  # recv[s]: local rows device s asks this device for
-  rows = jnp.take(table, recv, axis=0, mode="clip")  # [S, C] -> [S, C, Dh]
+  recv = _all_to_all(send, axis)  # recv[p]: local rows device p asks this device for
+  rows = jnp.take(table, recv, axis=0, mode="clip")  # [P, Cb] -> [P, Cb, Dh]
   back = _all_to_all(rows, axis)  # back[d]: the rows owner d sent back
   s, c = send.shape
   return back[jnp.minimum(owner, s - 1), jnp.minimum(pos, c - 1)]  # [n, Dh] per unique id
@@ -154,12 +159,12 @@ def _rows_all_gather(table, plan, spec: ShardSpec):
   unique = plan[0]
   rs, axis = spec.rows_per_shard, spec.axis
   me = lax.axis_index(axis)
-  every = lax.all_gather(unique, axis)  # [n] -> [S, n]
+  every = lax.all_gather(unique, axis)  # [n] -> [P, n]
   mine = (every // rs) == me
-  rows = jnp.take(table, every - me * rs, axis=0, mode="clip")  # [S, n] -> [S, n, Dh]
+  rows = jnp.take(table, every - me * rs, axis=0, mode="clip")  # [P, n] -> [P, n, Dh]
   rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
   # Each id has one owner, so the sum adds zeros to one row: exact.
-  return lax.psum_scatter(rows, axis, scatter_dimension=0)  # [S, n, Dh] -> [n, Dh]
+  return lax.psum_scatter(rows, axis, scatter_dimension=0)  # [P, n, Dh] -> [n, Dh]
 
 
 def _choose(spec: ShardSpec, overflow, fast, slow):
@@ -170,7 +175,8 @@ def _choose(spec: ShardSpec, overflow, fast, slow):
 
 
 def _local_lookup(table, ids, spec: ShardSpec):
-  plan = _plan(ids, spec, spec.capacity(ids.shape[0]))
+  unique, inverse = dedup(ids, spec.shards * spec.rows_per_shard)
+  plan = _plan(unique, inverse, spec, spec.capacity(ids.shape[0]))
   rows, overflow = _choose(
     spec,
     plan[5],
@@ -183,24 +189,24 @@ def _local_lookup(table, ids, spec: ShardSpec):
 def _local_update(table, opt, ids, grads, lr, cfg, spec: ShardSpec):
   n, dh = grads.shape
   s, rs = spec.shards, spec.rows_per_shard
-  plan = _plan(ids, spec, spec.capacity(n))
-  unique, inverse, owner, pos, send, overflow = plan
-  summed = jax.ops.segment_sum(grads.astype(jnp.float32), inverse, num_segments=n)  # [n, Dh]
+  # [n] ids, [n, Dh] grads -> distinct ids and the summed gradient of each
+  unique, inverse, summed = dedup_sum(ids, grads, s * rs)
+  _, _, owner, pos, send, overflow = _plan(unique, inverse, spec, spec.capacity(n))
 
   def fast():
-    recv_ids = _all_to_all(send, spec.axis).reshape(-1)  # [S, C] -> [S * C] local rows
+    recv_ids = _all_to_all(send, spec.axis).reshape(-1)  # [P, Cb] -> [P * Cb] local rows
     payload = (
       jnp.zeros((s, send.shape[1], dh), jnp.float32).at[owner, pos].set(summed, mode="drop")
-    )  # [S, C, Dh]
-    recv = _all_to_all(payload, spec.axis).reshape(-1, dh)  # [S, C, Dh] -> [S * C, Dh]
+    )  # [P, Cb, Dh]
+    recv = _all_to_all(payload, spec.axis).reshape(-1, dh)  # [P, Cb, Dh] -> [P * Cb, Dh]
     # Row Rs (the empty-place marker) is past this shard's rows, so the update drops it.
     return sparse_adam_update(table, opt, recv_ids, recv, lr, cfg)
 
   def slow():
     me = lax.axis_index(spec.axis)
-    every = lax.all_gather(unique, spec.axis).reshape(-1)  # [S, n] -> [S * n]
+    every = lax.all_gather(unique, spec.axis).reshape(-1)  # [P, n] -> [P * n]
     local = jnp.where(every // rs == me, every - me * rs, rs).astype(jnp.int32)
-    every_grads = lax.all_gather(summed, spec.axis).reshape(-1, dh)  # [S * n, Dh]
+    every_grads = lax.all_gather(summed, spec.axis).reshape(-1, dh)  # [P * n, Dh]
     return sparse_adam_update(table, opt, local, every_grads, lr, cfg)
 
   (table, opt), overflow = _choose(spec, overflow, fast, slow)
@@ -221,7 +227,7 @@ def _flat(ids, spec: ShardSpec):
 
 
 def lookup_with_route(state: base.TableState, ids, spec: ShardSpec):
-  """`lookup`, also returning [S] bools: True where the overflow path ran (same on all)."""
+  """`lookup`, also returning [P] bools: True where the overflow path ran (same on all)."""
   mapped = jax.shard_map(
     functools.partial(_local_lookup, spec=spec),
     mesh=spec.mesh,
@@ -240,7 +246,7 @@ def lookup(state: base.TableState, ids, spec: ShardSpec) -> jax.Array:
 
 
 def update_with_route(state: base.TableState, ids, grads, lr, cfg: OptimConfig, spec: ShardSpec):
-  """`update`, also returning [S] bools: True where the overflow path ran."""
+  """`update`, also returning [P] bools: True where the overflow path ran."""
   dh = state.table.shape[1]
   opt_specs = TableOptState(P(spec.axis, None), P(spec.axis, None), P())
   mapped = jax.shard_map(
@@ -263,7 +269,7 @@ def update(
 
   Args:
     state: the sharded table and moments (count replicated).
-    ids: [...] flat row ids that were fetched (size a multiple of S).
+    ids: [...] flat row ids that were fetched (size a multiple of P).
     grads: [..., Dh] gradient of the loss w.r.t. each fetched row.
     lr: scalar learning rate.
     cfg: Adam's b1, b2, eps.
@@ -286,7 +292,7 @@ def init(rows_fn, spec: ShardSpec, dim: int, dtype, trainable: bool = True) -> b
     trainable: False keeps no moments.
 
   Returns:
-    TableState with the table [S * Rs, Dh] sharded P(axis, None) (padding rows zero).
+    TableState with the table [Rp, Dh] sharded P(axis, None) (padding rows zero).
   """
   shape = (spec.padded_rows, dim)
 
@@ -308,21 +314,9 @@ def init(rows_fn, spec: ShardSpec, dim: int, dtype, trainable: bool = True) -> b
   return base.TableState(table, opt)
 
 
-def restore(
-  directory, meta: dict, spec: ShardSpec, dim: int, dtype, trainable: bool
-) -> base.TableState:
-  """A checkpoint (any backend's) restored shard by shard into `spec`'s sharding."""
-  state = restore_state(
-    directory, meta, spec.table_sharding(), (spec.padded_rows, dim), dtype, trainable
-  )
-  if state.opt is None:
-    return state
-  count = jax.device_put(state.opt.count, NamedSharding(spec.mesh, P()))
-  return base.TableState(state.table, state.opt._replace(count=count))
-
-
 def _object_lookup(state, padded, spec: ShardSpec, shape: tuple[int, ...]):
-  """The table object's fetch: padded ids [N'] -> rows [*shape, Dh] (and the route flags)."""
+  """The table object's fetch: ids [N'] (N padded to a multiple of P) -> rows [*shape, Dh] (and
+  the route flags)."""
   rows, overflow = lookup_with_route(state, padded, spec)
   n = math.prod(shape)
   if n != padded.shape[0] or not shape or shape[0] % spec.shards:
@@ -379,7 +373,7 @@ class ShardedTable(base.MemoryTable):
     self.state = init(fn, self.spec, dim, self.dtype, trainable)
 
   def _pad(self, ids) -> tuple[np.ndarray, int]:
-    """Flat prepared ids padded to a multiple of S with a repeat of the first id (no new
+    """Flat prepared ids padded to a multiple of P with a repeat of the first id (no new
     row)."""
     flat = np.asarray(ids).reshape(-1)  # [...] -> [N] int32 in [0, R)
     n = flat.shape[0]
@@ -426,10 +420,5 @@ class ShardedTable(base.MemoryTable):
     self._count_update(n)
     self._count_exchange(overflow, padded.shape[0], 4, update=True)
 
-  def _checkpoint_items(self) -> dict:
+  def _arrays(self) -> dict:
     return base.state_items(self.state)
-
-  def _restore_items(self, directory, meta: dict) -> None:
-    self.state = restore(
-      directory, meta, self.spec, self.dim, self.dtype, self.state.opt is not None
-    )

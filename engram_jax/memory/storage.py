@@ -25,7 +25,8 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
-STORAGE_TYPES = ("float32", "bfloat16", "int8")
+from engram_jax.config import STORAGE_TYPES
+
 _INT8_MAX = 127.0
 
 

@@ -4,7 +4,7 @@ Hashed n-gram accesses are Zipfian, so a small cache of the most frequent rows s
 ids from device memory; only misses cross from the tier below. Which rows are hot comes from
 access counts: gathered by a calibration pass over data (`calibrate`, policy 'static'), or
 online (policy 'lfu': counts of the fetched ids, aged by halving, and the cache refilled with
-the top rows every `refresh_every` fetches; policy 'lru': refilled with the C rows accessed most
+the top rows every `refresh_every` fetches; policy 'lru': refilled with the L rows accessed most
 recently, counting every access of every fetch in order). Below the cache sits a `host` table
 (trainable; pinned host memory) or, with `disk=<directory written by storage.save_memmap>`, a
 read-only NumPy memmap for tables larger than RAM (the OS page cache is then the host level).
@@ -24,7 +24,8 @@ Pure-functional core, for one jitted step (the cache contents change only betwee
 cross; if a step misses more distinct rows, it gathers every id from the host instead (no id is
 dropped).
 
-Shapes: R table rows, C cached rows, Dh row width, N ids, M miss capacity.
+Shapes: R table rows, L cached rows, Dh row width, N ids, U distinct missed rows moved per
+call (in the pure core, its miss capacity), Nm ids of one fetch that missed (repeats counted).
 """
 
 from __future__ import annotations
@@ -39,17 +40,29 @@ from jax import lax
 from engram_jax.config import OptimConfig
 from engram_jax.memory import base, host
 from engram_jax.memory import storage as storage_lib
+from engram_jax.memory.optimizer import dedup
 
 POLICIES = ("static", "lfu", "lru")
 
 
 class TieredState(NamedTuple):
-  """Attributes: cache [C, Dh] rows on device; cached_ids [C] sorted int32 row ids of the
+  """Attributes: cache [L, Dh] rows on device; cached_ids [L] sorted int32 row ids of the
   cache (R in empty slots); lower: the `host.HostState` below."""
 
   cache: jax.Array
   cached_ids: jax.Array
   lower: host.HostState
+
+
+def hottest_rows(counts: np.ndarray, capacity: int) -> np.ndarray:
+  """What a cache of `capacity` rows holds: the rows with the highest nonzero `counts` [R]
+  (at most `capacity` of them), sorted, int32. Training's calibration and the table objects'
+  policies both choose with it."""
+  if np.count_nonzero(counts) <= capacity:
+    rows = np.nonzero(counts)[0]
+  else:
+    rows = np.argpartition(counts, -capacity)[-capacity:]
+  return np.sort(rows).astype(np.int32)
 
 
 def _probe(cached_ids, flat):
@@ -70,7 +83,7 @@ def lookup_with_route(
   Args:
     state: cache and host table.
     ids: [...] flat row ids (clamped to [0, R)).
-    miss_capacity: M, distinct missed rows moved per call before the fallback.
+    miss_capacity: U, distinct missed rows moved per call before the fallback.
     dtype: the rows' dtype.
 
   Returns:
@@ -79,26 +92,20 @@ def lookup_with_route(
   r, dh = state.lower.table.shape
   flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   pos, hit = _probe(state.cached_ids, flat)
-  # Misses sorted by row id, hits (key R) last; each distinct missed row gets an index.
+  # Misses keyed by their row, hits by R: the distinct missed rows come first, sorted, and
+  # each id gets its distinct row's slot.
   key = jnp.where(hit, r, flat)  # [N]
-  order = jnp.argsort(key)  # [N]
-  sorted_key = key[order]
-  first = jnp.concatenate([jnp.ones((1,), bool), sorted_key[1:] != sorted_key[:-1]])
-  first = first & (sorted_key < r)  # [N] the first of each distinct missed row
-  unique_index = jnp.cumsum(first) - 1  # [N], in sorted order
-  compact = (
-    jnp.zeros((miss_capacity,), jnp.int32)
-    .at[jnp.where(first, unique_index, miss_capacity)]
-    .set(sorted_key, mode="drop")
-  )  # [M] distinct missed rows
-  slot = jnp.zeros_like(flat).at[order].set(unique_index)  # [N] each id's distinct row
+  unique, slot = dedup(key, r)  # [N], [N]
+  n = flat.shape[0]
+  compact = jnp.pad(unique, (0, max(0, miss_capacity - n)))[:miss_capacity]  # [U] (R: unused)
+  distinct = jnp.sum(unique < r)
 
   def few():
-    rows = host.lookup(state.lower, compact, dtype)  # [M, Dh]
-    return jnp.take(rows, jnp.clip(slot, 0, miss_capacity - 1), axis=0)  # [M, Dh] -> [N, Dh]
+    rows = host.lookup(state.lower, compact, dtype)  # [U, Dh]
+    return jnp.take(rows, jnp.clip(slot, 0, miss_capacity - 1), axis=0)  # [U, Dh] -> [N, Dh]
 
   many = lambda: host.lookup(state.lower, flat, dtype)  # [N, Dh]
-  overflow = jnp.sum(first) > miss_capacity
+  overflow = distinct > miss_capacity
   misses = lax.cond(overflow, many, few)
   rows = jnp.where(hit[:, None], state.cache[pos].astype(dtype), misses)  # [N, Dh]
   return rows.reshape(*jnp.shape(ids), dh), overflow  # [N, Dh] -> [..., Dh]
@@ -125,14 +132,14 @@ def _combine(cache, slots, miss_pos, miss_rows, miss_src):
   """Cache rows at hits, transferred rows at misses.
 
   Args:
-    cache: [C, Dh] cached rows.
+    cache: [L, Dh] cached rows.
     slots: [N] cache slot of each id (< 0 at misses).
-    miss_pos: [P] positions of the misses among the N ids (N in padding: dropped).
-    miss_rows: [U, Dh] the distinct missed rows, as transferred.
-    miss_src: [P] which of the U rows each miss takes.
+    miss_pos: [Nm] positions of the misses among the N ids, padded (N in padding: dropped).
+    miss_rows: [U, Dh] the distinct missed rows, as transferred (padded).
+    miss_src: [Nm] which of the U rows each miss takes (padded like `miss_pos`).
   """
   rows = jnp.take(cache, jnp.maximum(slots, 0), axis=0)  # [N] -> [N, Dh] (misses: any slot)
-  fill = jnp.take(miss_rows, miss_src, axis=0).astype(cache.dtype)  # [U, Dh] -> [P, Dh]
+  fill = jnp.take(miss_rows, miss_src, axis=0).astype(cache.dtype)  # [U, Dh] -> [Nm, Dh]
   return rows.at[miss_pos].set(fill, mode="drop")  # misses in place
 
 
@@ -150,7 +157,7 @@ class TieredTable(base.MemoryTable):
   """A device cache over a host (or disk) table (`memory.create('tiered', ...)`).
 
   Options:
-    cache_rows / cache_fraction: the cache size C, in rows or as a fraction of R.
+    cache_rows / cache_fraction: the cache size L, in rows or as a fraction of R.
     policy: 'static' (the cache changes only in `calibrate`), 'lfu' or 'lru' (online).
     refresh_every: fetches between online refills.
     count_sample: at most this many ids of each fetch are counted (LFU).
@@ -229,19 +236,19 @@ class TieredTable(base.MemoryTable):
     return parts
 
   def _lower_numpy(self, parts: dict, ids: np.ndarray) -> np.ndarray:
-    """[M] ids -> [M, Dh] rows of the tier below, gathered and decoded by NumPy."""
+    """[N] ids -> [N, Dh] rows of the tier below, gathered and decoded by NumPy."""
     got = {k: base.gather_rows(v, ids) for k, v in parts.items()}
     return storage_lib.decode(got, self.storage, self.dtype)
 
   def _lower_rows(self, ids: np.ndarray) -> jax.Array:
-    """[M] ids -> [M, Dh] rows of the tier below, in device memory (a buffer of jax's own)."""
+    """[N] ids -> [N, Dh] rows of the tier below, in device memory (a buffer of jax's own)."""
     parts = self._lower_parts()
     if parts is None:
       return host._jit_lookup(self.lower.state, jnp.asarray(ids), dtype=self.dtype)
     return jax.device_put(self._lower_numpy(parts, ids), self.device)
 
   def _fill(self, row_ids: np.ndarray) -> None:
-    """Loads the rows `row_ids` (at most C, distinct) into the cache."""
+    """Loads the rows `row_ids` (at most L, distinct) into the cache."""
     new = np.sort(row_ids.astype(np.int32))
     c = self.cache_size
     self.slot_of[self.cached_ids[self.cached_ids < self.num_rows]] = -1
@@ -253,17 +260,13 @@ class TieredTable(base.MemoryTable):
     self._stats.bytes_to_device += c * storage_lib.row_bytes(self.storage, self.dim)
 
   def _top_rows(self) -> np.ndarray:
-    """The (at most C) rows with the highest counts: the most frequent ('lfu', 'static') or the
+    """The (at most L) rows with the highest counts: the most frequent ('lfu', 'static') or the
     most recently accessed ('lru')."""
-    c = self.cache_size
-    counted = np.count_nonzero(self.counts)
-    if counted <= c:
-      return np.nonzero(self.counts)[0]
-    return np.argpartition(self.counts, -c)[-c:]
+    return hottest_rows(self.counts, self.cache_size)
 
   def calibrate(self, batches) -> None:
     """Counts the ids of `batches` (an iterable of int arrays) and fills the cache with the
-    C most frequent rows ('lru': the C rows used last)."""
+    L most frequent rows ('lru': the L rows used last)."""
     for ids in batches:
       flat = np.asarray(self._ids(ids)).reshape(-1)  # [...] -> [N] int32 in [0, R)
       if self.policy == "lru":
@@ -274,7 +277,7 @@ class TieredTable(base.MemoryTable):
 
   def _stamp(self, flat: np.ndarray) -> None:
     """LRU: numbers the accesses of `flat` [N] in order and records each row's last one."""
-    rows, from_end = np.unique(flat[::-1], return_index=True)  # [U] rows, last access from end
+    rows, from_end = np.unique(flat[::-1], return_index=True)  # distinct rows, last access from end
     self.counts[rows] = self._clock + (flat.shape[0] - from_end).astype(np.uint64)
     self._clock += flat.shape[0]
 
@@ -298,7 +301,7 @@ class TieredTable(base.MemoryTable):
     flat = np.asarray(ids).reshape(-1)  # [...] -> [N] int32 in [0, R)
     n = flat.shape[0]
     slots = self.slot_of[flat]  # [N]
-    miss_pos = np.flatnonzero(slots < 0)  # [M]
+    miss_pos = np.flatnonzero(slots < 0)  # [Nm]
     m = miss_pos.shape[0]
     cache_view, parts = base.numpy_view(jax.block_until_ready(self.cache)), self._lower_parts()
     if cache_view is not None and parts is not None:
@@ -312,7 +315,7 @@ class TieredTable(base.MemoryTable):
       moved = m
     else:
       # Only the distinct missed rows cross (Zipfian ids repeat within a batch).
-      unique, src = np.unique(flat[miss_pos], return_inverse=True)  # [U], [M]
+      unique, src = np.unique(flat[miss_pos], return_inverse=True)  # [U], [Nm]
       moved = unique.shape[0]
       miss_ids = np.zeros((_bucket(moved),), np.int32)
       miss_ids[:moved] = unique
@@ -341,7 +344,7 @@ class TieredTable(base.MemoryTable):
     if self.lower is None or not self.lower.trainable:
       raise ValueError("apply_gradients: this tiered table is read-only (disk or int8 tier)")
     self.lower.apply_gradients(ids, grads, lr, optim_cfg)
-    touched = np.unique(np.asarray(ids).reshape(-1))  # [U] sorted rows
+    touched = np.unique(np.asarray(ids).reshape(-1))  # distinct rows, sorted
     cached = touched[self.slot_of[touched] >= 0]
     if cached.size:
       self.cache = _write_through(
@@ -362,14 +365,7 @@ class TieredTable(base.MemoryTable):
       raise ValueError("set_state: the state caches other rows than this table")
     self.cache, self.lower.state = state.cache, state.lower
 
-  def _checkpoint_items(self) -> dict:
+  def _arrays(self) -> dict:
     if self.lower is not None:
-      return self.lower._checkpoint_items()
+      return self.lower._arrays()
     return {"table": storage_lib.decode_table(self.disk, self.storage, self.dtype)}
-
-  def _restore_items(self, directory, meta: dict) -> None:
-    if self.lower is None:
-      raise ValueError("restore: a disk tier is read-only; write it with storage.save_memmap")
-    self.lower._restore_items(directory, meta)
-    live = self.cached_ids[self.cached_ids < self.num_rows]
-    self._fill(live)

@@ -8,11 +8,12 @@ from pathlib import Path
 import jax
 from absl import logging
 
-from engram_jax import presets
+from engram_jax import plots, presets
 from engram_jax.config import ExperimentConfig
 from engram_jax.data import encode_corpus
 from engram_jax.errors import UsageRefused
-from engram_jax.train import loop, plots, rundir
+from engram_jax.run import folder
+from engram_jax.train import loop
 
 
 def train_and_compare(
@@ -24,8 +25,6 @@ def train_and_compare(
   resume: bool = False,
   overwrite: bool = False,
   progress: bool = True,
-  memory: str = "device",
-  mesh_devices: int = 1,
 ) -> dict:
   """Trains `exp` in `workdir/engram` and its baseline in `workdir/baseline`.
 
@@ -44,11 +43,11 @@ def train_and_compare(
   if resume and overwrite:
     raise UsageRefused("--resume and --overwrite contradict each other: pass one of them")
   if overwrite and jax.process_index() == 0:
-    contents = rundir.run_contents(workdir) + [x for _, d in runs for x in rundir.run_contents(d)]
+    contents = folder.run_contents(workdir) + [x for _, d in runs for x in folder.run_contents(d)]
     if contents:
-      logging.warning("--overwrite: moved the old runs aside to %s", rundir.move_aside(workdir))
+      logging.warning("--overwrite: moved the old runs aside to %s", folder.move_aside(workdir))
   for e, d in runs:  # refuse before anything trains
-    loop.prepare(e, d, data_cfg, resume=resume, memory=memory, mesh_devices=mesh_devices)
+    loop.prepare(e, d, data_cfg, resume=resume)
   # Encode the corpus once: both runs see exactly the same token stream and batches.
   tokens = encode_corpus(data_cfg)
   common = dict(
@@ -57,8 +56,6 @@ def train_and_compare(
     resume=resume,
     tokens=tokens,
     progress=progress,
-    memory=memory,
-    mesh_devices=mesh_devices,
   )
   ours = loop.train(exp, workdir / "engram", label=exp.name, **common)
   theirs = loop.train(baseline, workdir / "baseline", label=baseline.name, **common)
@@ -68,7 +65,7 @@ def train_and_compare(
   results["baseline"] = theirs
   if jax.process_index() == 0:  # multi-host: one process writes
     workdir.mkdir(parents=True, exist_ok=True)
-    rundir.atomic_write(workdir / rundir.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    folder.atomic_write(workdir / folder.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     plots.compare_curves(
       {
         exp.name: workdir / "engram" / "metrics.jsonl",

@@ -1,6 +1,6 @@
 """The training loop: data -> jitted steps -> metrics, evaluation, checkpoints, results.
 
-`train(exp, workdir, ...)` writes into `workdir` (see `rundir` for the rules):
+`train(exp, workdir, ...)` writes into `workdir` (see `engram_jax.run.folder` for the rules):
   run.json        the run's identity (preset, resolved config, data files and their sha256, ...)
   metrics.jsonl   one JSON object per logged step ({"step", "loss", "lr", ...}) and per
                   evaluation ({"step", "val_loss"})
@@ -35,18 +35,19 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from engram_jax import errors
+from engram_jax import errors, plots
 from engram_jax import params as params_lib
+from engram_jax import sharding as sharding_lib
 from engram_jax.config import ExperimentConfig
 from engram_jax.data import DataConfig, build_pipeline, encode_corpus
 from engram_jax.errors import Interrupted, TrainingDiverged, UsageRefused
-from engram_jax.hashing import NgramHasher
+from engram_jax.hashing import EngramHashing
+from engram_jax.memory import backends as backend_lib
 from engram_jax.memory.table import TableLayout
-from engram_jax.tokenization import TokenizerCompressor, load_tokenizer
-from engram_jax.train import plots, rundir
-from engram_jax.train import tables as tables_lib
-from engram_jax.train.checkpoint import DIVERGED, Checkpointer, SaveFailed
-from engram_jax.train.step import Trainer, checkpoint_tree, from_checkpoint_tree
+from engram_jax.run import folder
+from engram_jax.run.checkpoint import DIVERGED, Checkpointer, SaveFailed
+from engram_jax.tokenization import load_tokenizer
+from engram_jax.train.step import Trainer
 
 __all__ = ["Interrupted", "TrainingDiverged", "prepare", "train"]
 
@@ -57,41 +58,23 @@ def engram_hashing(model_cfg, tokenizer) -> tuple[Callable | None, dict[int, Tab
   engram = model_cfg.engram
   if engram is None:
     return None, {}
-  compressor = TokenizerCompressor.from_tokenizer(tokenizer)
-  pad = int(compressor(np.asarray([engram.pad_token_id]))[0])
-  hasher = NgramHasher.from_config(engram, compressor.num_compressed, pad)
-
-  def hash_fn(tokens: np.ndarray) -> dict[int, np.ndarray]:
-    return hasher.hash_all(compressor(tokens))
-
-  layouts = {
-    layer: TableLayout.from_sizes(
-      hasher.table_sizes(layer), engram.head_dim, model_cfg.engram_init_std
-    )
-    for layer in engram.layer_ids
-  }
-  return hash_fn, layouts
+  wiring = EngramHashing.from_tokenizer(engram, tokenizer, init_std=model_cfg.engram_init_std)
+  return wiring.hash_ids, wiring.layouts
 
 
-def build_trainer(
-  exp: ExperimentConfig,
-  data_cfg: DataConfig,
-  tokens: np.ndarray | None = None,
-  placement: tables_lib.Placement | None = None,
-):
+def build_trainer(exp: ExperimentConfig, data_cfg: DataConfig, tokens: np.ndarray | None = None):
   """The data pipeline and the trainer of one experiment (the model's vocabulary is set to the
-  tokenizer's; the tables are placed by `placement`, default one device)."""
+  tokenizer's; the tables live where `exp.memory` says, on the mesh of `exp.mesh`).
+
+  Raises:
+    ValueError: the mesh asks for more devices than jax sees, or a data problem.
+  """
   probe = build_pipeline(dataclasses.replace(data_cfg, num_threads=0), tokens=tokens)
   model_cfg = dataclasses.replace(exp.model, vocab_size=probe.vocab_size)
   hash_fn, layouts = engram_hashing(model_cfg, probe.tokenizer)
   pipeline = build_pipeline(data_cfg, hash_fn, tokens=tokens)
-  placement = placement or tables_lib.Placement()
-  if exp.train.batch_size % placement.shards:
-    raise ValueError(
-      f"batch_size: expected a multiple of the mesh size {placement.shards}, "
-      f"got {exp.train.batch_size}"
-    )
-  trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts, placement)
+  backend = backend_lib.backend(exp.memory, sharding_lib.make_mesh(exp.mesh))
+  trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts, backend)
   return pipeline, trainer
 
 
@@ -185,8 +168,6 @@ def prepare(
   *,
   resume: bool,
   overwrite: bool = False,
-  memory: str = "device",
-  mesh_devices: int = 1,
 ) -> Prepared:
   """Checks that a run may start (or resume) in `workdir`, changing nothing unless
   `overwrite` moves an old run aside.
@@ -200,21 +181,19 @@ def prepare(
   if resume and overwrite:
     raise UsageRefused("--resume and --overwrite contradict each other: pass one of them")
   workdir = Path(workdir)
-  record = rundir.identity(
-    resolved(exp, data_cfg), data_cfg, memory=memory, mesh_devices=mesh_devices
-  )
-  contents = rundir.run_contents(workdir)
+  record = folder.identity(resolved(exp, data_cfg), data_cfg)
+  contents = folder.run_contents(workdir)
   notes = []
   if resume and not contents:
     notes.append(f"--resume: no run in {workdir}; starting a new one")
     resume = False
   elif resume:
-    notes += rundir.check_resume(workdir, record)
+    notes += folder.check_resume(workdir, record)
   elif contents:
     if not overwrite:
-      raise rundir.refuse_existing(workdir, contents)
+      raise folder.refuse_existing(workdir, contents)
     if jax.process_index() == 0:
-      notes.append(f"--overwrite: moved the old run aside to {rundir.move_aside(workdir)}")
+      notes.append(f"--overwrite: moved the old run aside to {folder.move_aside(workdir)}")
   return Prepared(record, resume, tuple(notes))
 
 
@@ -243,13 +222,12 @@ def train(
   progress: bool = True,
   label: str = "train",
   on_step: Callable[[int], None] | None = None,
-  memory: str = "device",
-  mesh_devices: int = 1,
 ) -> dict:
   """Trains one experiment and returns its results (also written to `workdir/results.json`).
 
   Args:
-    exp: the model, optimizer and training settings.
+    exp: the model, optimizer and training settings, and where the tables live (`exp.memory`,
+      on the mesh of `exp.mesh`).
     workdir: output folder.
     corpus_files: text files; empty: the embedded corpus.
     tokenizer_file: a tokenizer.json; None: the embedded tokenizer.
@@ -260,8 +238,6 @@ def train(
     progress: show a progress bar.
     label: the progress bar's name.
     on_step: called with the step number after every step (e.g. to stop from a notebook).
-    memory: where the Engram tables live: 'device', 'host', 'sharded' or 'tiered'.
-    mesh_devices: devices of the data-parallel mesh (1: no mesh).
 
   Raises:
     RunExists, RunMismatch, UsageRefused: see `prepare` (nothing changed).
@@ -282,8 +258,6 @@ def train(
     data_cfg,
     resume=resume,
     overwrite=overwrite,
-    memory=memory,
-    mesh_devices=mesh_devices,
   )
   _barrier("prepare")
   if primary:
@@ -291,19 +265,18 @@ def train(
       logging.warning("%s", note)
   if tokens is None:
     tokens = encode_corpus(data_cfg)
-  placement = tables_lib.Placement(memory, tables_lib.make_mesh(mesh_devices))
-  pipeline, trainer = build_trainer(exp, data_cfg, tokens, placement)
+  pipeline, trainer = build_trainer(exp, data_cfg, tokens)
   t = exp.train
   workdir.mkdir(parents=True, exist_ok=True)
   train_step, eval_step = trainer.jitted()
   init = jax.jit(lambda key: trainer.init(key, t.batch_size, t.seq_len))
   key = jax.random.key(t.seed)
-  ckpt = Checkpointer(workdir / rundir.CHECKPOINTS)
-  metrics_log = rundir.MetricsLog(workdir / rundir.METRICS_FILE, enabled=primary)
+  ckpt = Checkpointer(workdir / folder.CHECKPOINTS)
+  metrics_log = folder.MetricsLog(workdir / folder.METRICS_FILE, enabled=primary)
   config_record = {
     "experiment": exp.name,
-    "memory": memory,
-    "mesh_devices": mesh_devices,
+    "memory": repr(exp.memory),
+    "mesh": repr(exp.mesh),
     "model": repr(trainer.model_cfg),
     "optim": repr(exp.optim),
     "train": repr(t),
@@ -312,17 +285,18 @@ def train(
   data_iter = iter(pipeline.train)
 
   def save(step, state):
-    # The tiered caches are derived from the tables: checkpoints hold the tables alone.
-    ckpt.save(step, checkpoint_tree(state), data_iter.get_state(), config_record)
+    # What the backend derives from the tables (a tiered cache) is not saved.
+    ckpt.save(step, trainer.checkpoint_tree(state), data_iter.get_state(), config_record)
     metrics_log.sync()
 
   restored = None
   if prepared.resume:
-    restored = ckpt.restore_latest(checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len)))
+    abstract = trainer.abstract_state(t.batch_size, t.seq_len)
+    restored = ckpt.restore_latest(trainer.checkpoint_tree(abstract))
   if restored is not None:
     start, tree, data_state, _ = restored
     # orbax restores into the target shardings but not always into their memory kind.
-    state = trainer.place(from_checkpoint_tree(tree))
+    state = trainer.place(trainer.from_checkpoint_tree(tree))
     data_iter.set_state(data_state)
     logging.info("resumed %s from step %d", workdir, start)
   else:
@@ -331,12 +305,14 @@ def train(
     start, state = 0, trainer.place(init(key))
   if primary:
     metrics_log.cut_back(start)  # records written after the restored checkpoint go
-    rundir.write_run(workdir, prepared.record, resumed_from=start if prepared.resume else None)
-  if memory == "tiered":
-    # Which rows the cache holds: the most read in the first batches of the data.
-    state = trainer.calibrate(
-      state, itertools.islice(iter(pipeline.train), tables_lib.CALIBRATION_BATCHES)
-    )
+    folder.write_run(workdir, prepared.record, resumed_from=start if prepared.resume else None)
+
+  def calibration_batches():  # read only by a backend that keeps a cache
+    yield from itertools.islice(iter(pipeline.train), backend_lib.CALIBRATION_BATCHES)
+
+  # What the backend derives from the tables (a tiered cache: the rows the first batches read
+  # most).
+  state = trainer.calibrate(state, calibration_batches())
 
   counts = params_lib.count_params(trainer.model_cfg, t.seq_len)
   tokens_per_step = t.batch_size * t.seq_len
@@ -449,7 +425,7 @@ def train(
     "params": dataclasses.asdict(counts),
   }
   if primary:
-    rundir.atomic_write(workdir / rundir.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    folder.atomic_write(workdir / folder.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     plots.loss_curve(metrics_log.path, workdir / "loss_curve.png", title=exp.name)
   return results
 

@@ -1,20 +1,14 @@
-"""Optimizers: Muon + AdamW for the backbone, a sparse ("lazy") Adam for the Engram tables.
+"""Optimizers: Muon + AdamW for the backbone; the tables' sparse Adam is `memory.optimizer`.
 
 Paper Table 5 and DESIGN.md ("The table's optimizer"):
 - backbone matrices (attention, FFN / expert, router, mHC and Engram projections): Muon;
 - everything else in "params" (embedding, LM head, norms, biases, gains, conv kernels): AdamW,
   weight decay only on the matrices among them (the LM head);
-- the tables: Adam on the rows a step actually read, at 5x the learning rate, no weight decay.
-  optax's Adam is dense and would touch all 10^9 rows every step, so the tables get their own
-  update: deduplicate the fetched row ids, sum their gradients, update only those rows.
-
-Shapes: R table rows of one Engram layer, Dh row width, N fetched rows (B * T * H, repeats
-allowed).
+- the tables: Adam on the rows a step actually read, at `table_lr` (5x the backbone's rate),
+  no weight decay: `engram_jax.memory.optimizer.sparse_adam_update`.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,76 +169,3 @@ def backbone_optimizer(cfg: OptimConfig, total_steps: int, params) -> optax.Grad
     )
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   return optax.chain(*parts, optax.partition(transforms, labels))
-
-
-class TableOptState(NamedTuple):
-  """Sparse Adam state of one Engram table.
-
-  Attributes:
-    mu: [R, Dh] float32 first moments.
-    nu: [R, Dh] float32 second moments.
-    count: int32 scalar, updates taken (the bias correction's step).
-  """
-
-  mu: jax.Array
-  nu: jax.Array
-  count: jax.Array
-
-
-def init_table_state(table: jax.Array) -> TableOptState:
-  """Zero moments for a table [R, Dh] (float32 whatever the table's dtype)."""
-  zeros = jnp.zeros(table.shape, jnp.float32)
-  return TableOptState(mu=zeros, nu=zeros, count=jnp.zeros((), jnp.int32))
-
-
-def sparse_adam_update(
-  table: jax.Array,
-  state: TableOptState,
-  row_ids: jax.Array,
-  row_grads: jax.Array,
-  lr,
-  cfg: OptimConfig,
-) -> tuple[jax.Array, TableOptState]:
-  """Adam on the rows that were read; every other row and its moments stay as they are.
-
-  This is LazyAdam: a row's moments decay only on the steps that touch it, while the bias
-  correction uses the global step count. No weight decay (paper Table 5).
-
-  Args:
-    table: [R, Dh] the table (any float dtype; the update is computed in float32).
-    state: its `TableOptState`.
-    row_ids: [N] int32 flat row ids that were fetched, repeats allowed.
-    row_grads: [N, Dh] gradient of the loss w.r.t. each fetched row.
-    lr: scalar learning rate (e.g. `table_lr(cfg, total_steps)(state.count)`).
-    cfg: supplies adam_b1, adam_b2, adam_eps.
-
-  Returns:
-    (the updated table [R, Dh] in its dtype, the new state).
-  """
-  r, dh = table.shape
-  n = row_ids.shape[0]
-  if row_grads.shape != (n, dh):
-    raise ValueError(f"row_grads: expected shape {(n, dh)}, got {row_grads.shape}")
-  # [N] -> [N] sorted unique ids padded with R (out of range, so the scatters drop them), and
-  # for every fetched row the slot of its id in `unique`.
-  unique, slot = jnp.unique(row_ids, size=n, fill_value=r, return_inverse=True)
-  # [N, Dh] -> [N, Dh]: a row read several times gets the sum of its gradients.
-  g = jax.ops.segment_sum(row_grads.astype(jnp.float32), slot.reshape(n), num_segments=n)
-
-  count = state.count + 1
-  b1, b2 = cfg.adam_b1, cfg.adam_b2
-  # [R, Dh] -> [N, Dh]; padding slots read zeros and are dropped below.
-  mu = b1 * state.mu.at[unique].get(mode="fill", fill_value=0) + (1 - b1) * g
-  nu = b2 * state.nu.at[unique].get(mode="fill", fill_value=0) + (1 - b2) * g * g
-  t = count.astype(jnp.float32)
-  mu_hat = mu / (1 - jnp.float32(b1) ** t)
-  nu_hat = nu / (1 - jnp.float32(b2) ** t)
-  step = jnp.asarray(lr, jnp.float32) * mu_hat / (jnp.sqrt(nu_hat) + cfg.adam_eps)
-  rows = table.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
-
-  def scatter(dest, values):
-    # Sorted ids; the padding ids are >= every real one, so the order still holds.
-    return dest.at[unique].set(values.astype(dest.dtype), mode="drop", indices_are_sorted=True)
-
-  new_state = TableOptState(mu=scatter(state.mu, mu), nu=scatter(state.nu, nu), count=count)
-  return scatter(table, rows - step), new_state

@@ -18,19 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from engram_jax.config import ModelConfig, OptimConfig
+from engram_jax import sharding as sharding_lib
+from engram_jax.config import MemoryConfig, ModelConfig, OptimConfig
 from engram_jax.layers.moe import update_expert_bias
+from engram_jax.memory import backends as backend_lib
+from engram_jax.memory.backends import table_key
 from engram_jax.memory.table import TableLayout
 from engram_jax.model import EngramLM
 from engram_jax.train import optimizer as opt_lib
-from engram_jax.train import tables as tables_lib
 
 Batch = dict  # {"tokens": [B, T], "targets": [B, T], "hash_ids": {layer: [B, T, H]}}
-
-
-def table_key(layer: int) -> str:
-  """The key of an Engram layer's table in the state (strings keep checkpoints readable)."""
-  return f"layer_{layer}"
 
 
 @flax.struct.dataclass
@@ -42,10 +39,8 @@ class TrainState:
     params: the backbone's parameters (unboxed).
     opt_state: the backbone optimizer's state.
     balance: the MoE balancing biases (the "balance" collection).
-    tables: {table_key(layer): TableState(table [Rp, Dh], TableOptState)} Engram tables and
-      their sparse Adam moments, placed by the trainer's `tables.Placement`.
-    caches: {table_key(layer): tables.TableCache} device caches of the 'tiered' backend
-      (derived from the tables: not checkpointed, rebuilt by `Trainer.calibrate`).
+    tables: {table_key(layer): the state of the trainer's memory backend} the Engram tables,
+      their sparse Adam moments and whatever the backend derives from them (a tiered cache).
   """
 
   step: jax.Array
@@ -53,23 +48,6 @@ class TrainState:
   opt_state: optax.OptState
   balance: dict
   tables: dict
-  caches: dict = flax.struct.field(default_factory=dict)
-
-
-def checkpoint_tree(state: TrainState) -> dict:
-  """What a checkpoint holds of a state: every field but the derived tiered caches."""
-  return {
-    "step": state.step,
-    "params": state.params,
-    "opt_state": state.opt_state,
-    "balance": state.balance,
-    "tables": state.tables,
-  }
-
-
-def from_checkpoint_tree(tree: dict) -> TrainState:
-  """A state from `checkpoint_tree`'s form (caches empty until `Trainer.calibrate`)."""
-  return TrainState(**tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +59,16 @@ class Trainer:
     optim_cfg: the optimizers.
     total_steps: length of training (the schedules depend on it).
     layouts: {layer: TableLayout} of every Engram layer.
-    placement: where the tables live (backend and mesh).
+    backend: where the tables live and how they are read (`memory.backend`), on its mesh.
   """
 
   model_cfg: ModelConfig
   optim_cfg: OptimConfig
   total_steps: int
   layouts: dict[int, TableLayout]
-  placement: tables_lib.Placement = dataclasses.field(default_factory=tables_lib.Placement)
+  backend: backend_lib.Backend = dataclasses.field(
+    default_factory=lambda: backend_lib.backend(MemoryConfig())
+  )
 
   @property
   def model(self) -> EngramLM:
@@ -110,7 +90,7 @@ class Trainer:
 
   def init(self, key: jax.Array, batch_size: int, seq_len: int) -> TrainState:
     """A fresh, unplaced state (jit it, or run it under `jax.eval_shape` for shapes only);
-    `place` then moves it where the placement says."""
+    `place` then moves it where the shardings say."""
     k_model, k_tables = jax.random.split(key)
     batch = self.dummy_batch(batch_size, seq_len)
     rows = {
@@ -120,7 +100,7 @@ class Trainer:
     variables = nn.unbox(self.model.init(k_model, batch["tokens"], rows))
     params = variables["params"]
     tables = {
-      table_key(layer): tables_lib.init_state(layout.init(jax.random.fold_in(k_tables, i)))
+      table_key(layer): self.backend.init(layout.init(jax.random.fold_in(k_tables, i)))
       for i, (layer, layout) in enumerate(sorted(self.layouts.items()))
     }
     return TrainState(
@@ -132,18 +112,17 @@ class Trainer:
     )
 
   def shardings(self, state: TrainState) -> TrainState:
-    """Where every leaf of `state` goes: tables by the placement, the rest replicated."""
-    rep = self.placement.replicated()
-    out = jax.tree.map(lambda _: rep, state.replace(tables={}, caches={}))
-    tables = {k: self.placement.state_shardings(v) for k, v in state.tables.items()}
-    return out.replace(tables=tables, caches=jax.tree.map(lambda _: rep, state.caches))
+    """Where every leaf of `state` goes: tables by the backend, the rest replicated."""
+    rep = sharding_lib.replicated(self.backend.mesh)
+    out = jax.tree.map(lambda _: rep, state.replace(tables={}))
+    return out.replace(tables={k: self.backend.shardings(v) for k, v in state.tables.items()})
 
   def place(self, state: TrainState) -> TrainState:
-    """Moves a state (fresh or restored) to its placement."""
+    """Moves a state (fresh or restored) to its shardings."""
     placed = jax.tree.map(
       jax.device_put, state.replace(tables={}), self.shardings(state.replace(tables={}))
     )
-    return placed.replace(tables={k: self.placement.place(v) for k, v in state.tables.items()})
+    return placed.replace(tables={k: self.backend.place(v) for k, v in state.tables.items()})
 
   def abstract_state(self, batch_size: int, seq_len: int) -> TrainState:
     """Shapes, dtypes and target shardings of the state, without allocating it."""
@@ -154,32 +133,41 @@ class Trainer:
       self.shardings(shapes),
     )
 
+  def checkpoint_tree(self, state: TrainState) -> dict:
+    """What a checkpoint holds of a state (the same for every memory backend): the step,
+    params, optimizer state, balancing biases and each table with its moments."""
+    return {
+      "step": state.step,
+      "params": state.params,
+      "opt_state": state.opt_state,
+      "balance": state.balance,
+      "tables": {k: self.backend.persistent(v) for k, v in state.tables.items()},
+    }
+
+  def from_checkpoint_tree(self, tree: dict) -> TrainState:
+    """A state from `checkpoint_tree`'s form (what the backend derives, e.g. a tiered cache,
+    is empty until `calibrate`)."""
+    tables = {k: self.backend.from_persistent(v) for k, v in tree["tables"].items()}
+    return TrainState(**(tree | {"tables": tables}))
+
   def shard_batch(self, batch: Batch) -> Batch:
     """Puts a host batch on the devices, split over the data axis when there is a mesh."""
-    return jax.device_put(batch, self.placement.batch_sharding())
+    return jax.device_put(batch, sharding_lib.batch_sharding(self.backend.mesh))
 
   def calibrate(self, state: TrainState, batches) -> TrainState:
-    """Fills the 'tiered' backend's caches from the row ids of `batches` (host batches);
-    other backends are returned unchanged."""
-    if self.placement.kind != "tiered":
-      return state
-    batches = list(batches)
-    caches = {}
+    """Lets the backend derive what it keeps from the tables (a tiered cache) from the row ids
+    of host `batches`; `batches` is read (once) only if the backend needs it."""
+    once = _ReadOnce(batches)
+    tables = dict(state.tables)
     for layer, layout in self.layouts.items():
-      ids = [np.asarray(b["hash_ids"][layer]) + layout.offsets for b in batches]  # [B, T, H]
-      caches[table_key(layer)] = tables_lib.calibrate(
-        state.tables[table_key(layer)], ids, self.placement.cache_fraction
-      )
-    return state.replace(caches=caches)
+      ids = _RowIds(once, layer, layout)  # [B, T, H] flat row ids per batch
+      tables[table_key(layer)] = self.backend.calibrate(state.tables[table_key(layer)], ids)
+    return state.replace(tables=tables)
 
   def fetch_rows(self, state: TrainState, hash_ids: dict) -> dict[int, jax.Array]:
     """{layer: [B, T, H, Dh]} rows of every Engram layer."""
     return {
-      layer: self.placement.lookup(
-        state.tables[table_key(layer)],
-        layout.row_ids(hash_ids[layer]),
-        state.caches.get(table_key(layer)),
-      )
+      layer: self.backend.lookup(state.tables[table_key(layer)], layout.row_ids(hash_ids[layer]))
       for layer, layout in self.layouts.items()
     }
 
@@ -206,22 +194,17 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
 
     lr = opt_lib.learning_rate_schedule(self.optim_cfg, self.total_steps)(state.step)
-    table_lr = lr * self.optim_cfg.engram_lr_mult
-    tables, caches = dict(state.tables), dict(state.caches)
+    table_lr = opt_lib.table_lr(self.optim_cfg, self.total_steps)(state.step)
+    tables = dict(state.tables)
     for layer, layout in self.layouts.items():
       key = table_key(layer)
-      new = self.placement.update(
+      tables[key] = self.backend.update(
         state.tables[key],
         layout.row_ids(batch["hash_ids"][layer]),
         g_rows[layer],
         table_lr,
         self.optim_cfg,
-        state.caches.get(key),
       )
-      if self.placement.kind == "tiered":  # (table state, cache written through)
-        tables[key], caches[key] = new
-      else:
-        tables[key] = new
 
     balance = self._rebalance(state.balance, load)
     metrics = {
@@ -242,7 +225,6 @@ class Trainer:
       opt_state=opt_state,
       balance=balance,
       tables=tables,
-      caches=caches,
     )
     return new_state, metrics
 
@@ -266,3 +248,29 @@ class Trainer:
   def jitted(self) -> tuple[Callable, Callable]:
     """(train_step with the state donated, eval_step), both jitted."""
     return jax.jit(self.train_step, donate_argnums=0), jax.jit(self.eval_step)
+
+
+class _ReadOnce:
+  """An iterable that reads its source the first time it is iterated, and replays it after."""
+
+  def __init__(self, source):
+    self._source, self._items = source, None
+
+  def __iter__(self):
+    def replay():
+      if self._items is None:
+        self._items = list(self._source)
+      yield from self._items
+
+    return replay()
+
+
+class _RowIds:
+  """The flat row ids [B, T, H] of one layer in each batch of a `_ReadOnce` (lazily)."""
+
+  def __init__(self, batches: _ReadOnce, layer: int, layout: TableLayout):
+    self._batches, self._layer, self._layout = batches, layer, layout
+
+  def __iter__(self):
+    for b in self._batches:
+      yield np.asarray(b["hash_ids"][self._layer]) + self._layout.offsets

@@ -1,4 +1,5 @@
-"""Tests for engram_jax/train/tables.py: training with the tables on each backend."""
+"""Tests for engram_jax/memory/backends.py: the backend contract, training with the tables on
+each backend, and checkpoints that move between backends."""
 
 import dataclasses
 import json
@@ -8,25 +9,31 @@ import jax
 import numpy as np
 import pytest
 
-from engram_jax import presets
+from engram_jax import presets, sharding
+from engram_jax.config import MemoryConfig, MeshConfig
 from engram_jax.data import read_text
 from engram_jax.data.corpus import default_corpus_path
+from engram_jax.memory import backends as backend_lib
+from engram_jax.memory.backends import table_key
 from engram_jax.memory.table import TableLayout
 from engram_jax.train import loop
-from engram_jax.train import tables as tables_lib
-from engram_jax.train.step import Trainer, table_key
+from engram_jax.train.step import Trainer
 
 B, T = 8, 16
 
 
-def _trainer(placement):
+def _backend(kind, mesh=None, **options):
+  return backend_lib.backend(MemoryConfig(kind=kind, **options), mesh)
+
+
+def _trainer(backend):
   exp = presets.tiny()
   model = dataclasses.replace(exp.model, vocab_size=101)
   e = model.engram
   layouts = {
     layer: TableLayout.from_sizes([211, 223, 227, 229], e.head_dim, 0.02) for layer in e.layer_ids
   }
-  return Trainer(model, exp.optim, 20, layouts, placement)
+  return Trainer(model, exp.optim, 20, layouts, backend)
 
 
 def _batches(n, heads):
@@ -40,8 +47,8 @@ def _batches(n, heads):
   return out
 
 
-def _run(placement, steps=3):
-  trainer = _trainer(placement)
+def _run(backend, steps=3):
+  trainer = _trainer(backend)
   state = trainer.place(jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0)))
   step = jax.jit(trainer.train_step, donate_argnums=0)
   losses = []
@@ -53,11 +60,11 @@ def _run(placement, steps=3):
 
 @pytest.fixture(scope="module")
 def on_device():
-  return _run(tables_lib.Placement("device"))
+  return _run(_backend("device"))
 
 
 def test_host_tables_train_like_device_and_stay_on_host(on_device):
-  state, losses = _run(tables_lib.Placement("host"))
+  state, losses = _run(_backend("host"))
   ref_state, ref_losses = on_device
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   table = state.tables[table_key(1)]
@@ -69,8 +76,7 @@ def test_host_tables_train_like_device_and_stay_on_host(on_device):
 
 
 def test_sharded_tables_data_parallel_like_one_device(on_device):
-  mesh = tables_lib.make_mesh(8)
-  state, losses = _run(tables_lib.Placement("sharded", mesh))
+  state, losses = _run(_backend("sharded", sharding.make_mesh(8)))
   ref_state, ref_losses = on_device
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   table = state.tables[table_key(1)].table
@@ -82,16 +88,15 @@ def test_sharded_tables_data_parallel_like_one_device(on_device):
 
 
 def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device):
-  placement = tables_lib.Placement("tiered", cache_fraction=0.1)
-  trainer = _trainer(placement)
+  trainer = _trainer(_backend("tiered", cache_fraction=0.1))
   state = trainer.place(jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0)))
   batches = _batches(3, 4)
   state = trainer.calibrate(state, batches[:1])
-  cache = state.caches[table_key(1)]
-  assert cache.rows.shape[0] == round(0.1 * state.tables[table_key(1)].table.shape[0])
+  cache = state.tables[table_key(1)]
+  assert cache.cache.shape[0] == round(0.1 * cache.table.shape[0])
   rows = (batches[0]["hash_ids"][1] + trainer.layouts[1].offsets).reshape(-1)
   hottest = np.bincount(rows).argmax()  # the row the calibration batch read most
-  assert hottest in np.asarray(cache.ids)
+  assert hottest in np.asarray(cache.cached_ids)
   step = jax.jit(trainer.train_step, donate_argnums=0)
   losses = []
   for batch in batches:
@@ -101,23 +106,38 @@ def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   table = state.tables[table_key(1)]
   assert table.table.sharding.memory_kind == "pinned_host"
-  cache = state.caches[table_key(1)]
+  filled = np.asarray(table.cached_ids) < table.table.shape[0]  # [L]; the rest are empty
+  assert filled.sum() > 0
   np.testing.assert_array_equal(
-    np.asarray(cache.rows), np.asarray(table.table)[np.asarray(cache.ids)]
+    np.asarray(table.cache)[filled],
+    np.asarray(table.table)[np.asarray(table.cached_ids)[filled]],
   )
+  # A checkpoint holds the table and its moments alone, the same for every backend.
+  saved = trainer.checkpoint_tree(state)["tables"][table_key(1)]
+  assert type(saved) is backend_lib.TableState and saved.table is table.table
 
 
-def test_placement_errors():
+def test_backend_errors():
   with pytest.raises(ValueError, match="memory: expected one of"):
-    tables_lib.Placement("disk")
+    MemoryConfig(kind="disk")
   with pytest.raises(ValueError, match="mesh"):
-    tables_lib.Placement("sharded")
+    _backend("sharded")
   with pytest.raises(ValueError, match="one device"):
-    tables_lib.Placement("host", tables_lib.make_mesh(2))
+    _backend("host", sharding.make_mesh(2))
   with pytest.raises(ValueError, match="cache_fraction"):
-    tables_lib.Placement("tiered", cache_fraction=0.0)
+    MemoryConfig(kind="tiered", cache_fraction=0.0)
   with pytest.raises(ValueError, match="devices"):
-    tables_lib.make_mesh(99)
+    sharding.make_mesh(99)
+
+
+def test_calibrate_reads_batches_only_when_it_keeps_a_cache():
+  def batches():
+    raise AssertionError("read by a backend without a cache")
+    yield
+
+  trainer = _trainer(_backend("device"))
+  state = jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0))
+  assert trainer.calibrate(state, batches()) is not None
 
 
 def test_checkpoint_moves_between_backends(tmp_path):
@@ -126,6 +146,9 @@ def test_checkpoint_moves_between_backends(tmp_path):
   exp = presets.tiny()
   kw = dict(corpus_files=(str(corpus),), progress=False)
   loop.train(exp, tmp_path / "device", **kw)
+
+  def on(exp, kind, devices=1):
+    return dataclasses.replace(exp, memory=MemoryConfig(kind=kind), mesh=MeshConfig(devices))
 
   def stop_at(n):
     def hook(step):
@@ -137,18 +160,10 @@ def test_checkpoint_moves_between_backends(tmp_path):
   # One run moved across three backends: host for steps 1-2, sharded over 2 devices for 3-4,
   # tiered for 5-6.
   with pytest.raises(loop.Interrupted):
-    loop.train(exp, tmp_path / "moved", memory="host", on_step=stop_at(2), **kw)
+    loop.train(on(exp, "host"), tmp_path / "moved", on_step=stop_at(2), **kw)
   with pytest.raises(loop.Interrupted):
-    loop.train(
-      exp,
-      tmp_path / "moved",
-      memory="sharded",
-      mesh_devices=2,
-      resume=True,
-      on_step=stop_at(4),
-      **kw,
-    )
-  loop.train(exp, tmp_path / "moved", memory="tiered", resume=True, **kw)
+    loop.train(on(exp, "sharded", 2), tmp_path / "moved", resume=True, on_step=stop_at(4), **kw)
+  loop.train(on(exp, "tiered"), tmp_path / "moved", resume=True, **kw)
 
   def losses(d):
     rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""The accuracy cost of each row storage type, measured on a trained model's validation loss.
+"""The accuracy cost of each row storage type, measured on a trained model's validation loss
+(the measurement of `bench/storage_accuracy.py`).
 
 `storage_accuracy(workdir)` restores the newest checkpoint of a run written by
 `engram_jax.train.loop.train`, rebuilds its data pipeline and trainer as the loop does, and
@@ -23,9 +24,8 @@ import jax.numpy as jnp
 from engram_jax import presets
 from engram_jax.data import encode_corpus
 from engram_jax.memory import storage as storage_lib
+from engram_jax.run.checkpoint import Checkpointer
 from engram_jax.train import loop
-from engram_jax.train.checkpoint import Checkpointer
-from engram_jax.train.step import checkpoint_tree, from_checkpoint_tree
 
 ZEROED = "zeroed"
 
@@ -42,7 +42,7 @@ def _restore(workdir: Path, exp, corpus_files, tokenizer_file):
   t = exp.train
   ckpt = Checkpointer(ckpt_dir)
   try:
-    abstract = checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
+    abstract = trainer.checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
     restored = ckpt.restore_latest(abstract)
   finally:
     ckpt.close()
@@ -52,7 +52,7 @@ def _restore(workdir: Path, exp, corpus_files, tokenizer_file):
       f"tokenizer{hint}"
     )
   step, tree, _, _ = restored
-  state = from_checkpoint_tree(tree)
+  state = trainer.from_checkpoint_tree(tree)
   return step, state, pipeline, trainer
 
 

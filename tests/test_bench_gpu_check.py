@@ -1,4 +1,4 @@
-"""The GPU check script's smoke path, run in-process on CPU (Pallas interpret mode)."""
+"""bench/gpu_check.py: its smoke path, run in-process on CPU (Pallas interpret mode)."""
 
 import pytest
 from absl import flags

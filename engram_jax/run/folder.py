@@ -49,8 +49,11 @@ _FREE = (
   "config.train.checkpoint_every",
   "config.train.spike_factor",
   "config.train.spike_window",
-  "memory",
-  "mesh_devices",
+  "config.memory.kind",
+  "config.memory.cache_fraction",
+  "config.memory.storage",
+  "config.memory.lookup_impl",
+  "config.mesh.data",
   "steps",  # the top-level copy of config.train.steps
   "tokenizer.path",
   "version",
@@ -103,7 +106,7 @@ def git_commit() -> str | None:
   return commit + ("+dirty" if dirty else "")
 
 
-def identity(exp, data_cfg, *, memory: str, mesh_devices: int) -> dict:
+def identity(exp, data_cfg) -> dict:
   """The record of `run.json` for an experiment (its model config resolved, e.g. the
   vocabulary set to the tokenizer's) on the data of `data_cfg`."""
   t = exp.train
@@ -117,8 +120,6 @@ def identity(exp, data_cfg, *, memory: str, mesh_devices: int) -> dict:
     "batch_size": t.batch_size,
     "seq_len": t.seq_len,
     "steps": t.steps,
-    "memory": memory,
-    "mesh_devices": mesh_devices,
     "version": package_version(),
     "commit": git_commit(),
     "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -255,14 +256,14 @@ def write_run(workdir: str | os.PathLike, record: dict, resumed_from: int | None
         "time": record["created"],
         "steps": record["steps"],
         "optim": record["config"]["optim"],
-        "memory": record["memory"],
+        "memory": record["config"]["memory"],
+        "mesh": record["config"]["mesh"],
         "commit": record["commit"],
       }
       record = old | {
         "steps": record["steps"],
         "config": old["config"]
-        | {"train": record["config"]["train"]}
-        | {"optim": record["config"]["optim"]},
+        | {k: record["config"][k] for k in ("train", "optim", "memory", "mesh")},
         "resumes": [*old.get("resumes", []), entry],
       }
   atomic_write(path, json.dumps(record, indent=2) + "\n")

@@ -34,7 +34,7 @@ from absl import logging
 
 from engram_jax import errors
 from engram_jax.errors import CheckpointMismatch, NoGoodCheckpoint
-from engram_jax.train import checksums
+from engram_jax.run import checksums
 
 CORRUPT = "corrupt"  # where failed steps are moved, inside the checkpoint folder
 DIVERGED = "diverged"  # where steps saved at or after a divergence are moved
@@ -105,7 +105,29 @@ class Checkpointer:
       "checksums"
     ]
 
-  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+  def _read(self, step: int, abstract_state: Any, partial: bool) -> dict:
+    """orbax's restore of one step: the whole state with the data and config items, or (partial)
+    only the leaves of `abstract_state`, e.g. a model without its optimizer state."""
+    if partial:
+      state = ocp.PyTreeCheckpointer().restore(
+        Path(self.directory) / str(step) / "state",
+        args=ocp.args.PyTreeRestore(
+          item=abstract_state,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+          partial_restore=True,
+        ),
+      )
+      return {"state": state, "data": None, "config": None}
+    return self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore(),
+      ),
+    )
+
+  def _restore_step(self, step: int, abstract_state: Any, partial: bool) -> tuple[Any, dict, dict]:
     """Restores and verifies one step.
 
     Raises:
@@ -117,7 +139,9 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for unreadable files.
       raise _Corrupt(f"its checksum record is unreadable ({type(e).__name__}: {e})") from e
     if sums is not None:
-      problem = checksums.structure_mismatch(sums["state"], checksums.describe(abstract_state))
+      problem = checksums.structure_mismatch(
+        sums["state"], checksums.describe(abstract_state), subset=partial
+      )
       if problem is not None:
         raise CheckpointMismatch(
           f"checkpoint at step {step} in {self.directory} holds another model: {problem}"
@@ -125,14 +149,7 @@ class Checkpointer:
     failure = None
     with _quiet_background_errors():
       try:
-        restored = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-          ),
-        )
+        restored = self._read(step, abstract_state, partial)
         jax.block_until_ready(restored["state"])
       except Exception as e:  # orbax raises many types for unreadable or partial files.
         failure = f"{_unreadable_leaf(e)}cannot be read ({type(e).__name__}: {_short(e)})"
@@ -147,20 +164,25 @@ class Checkpointer:
         self.directory,
       )
     else:
-      bad = checksums.first_bad_leaf(sums["state"], checksums.record(restored["state"]))
+      got = checksums.record(restored["state"])
+      bad = checksums.first_bad_leaf({k: sums["state"][k] for k in got}, got)
       if bad is not None:
         raise _Corrupt(f"leaf {bad} does not match its checksum")
-      if checksums.json_checksum(restored["data"]) != sums["data"]:
+      if not partial and checksums.json_checksum(restored["data"]) != sums["data"]:
         raise _Corrupt("the data iterator state does not match its checksum")
     return restored["state"], restored["data"], restored["config"]
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+  def restore_latest(
+    self, abstract_state: Any, partial: bool = False
+  ) -> tuple[int, Any, dict, dict] | None:
     """Restores the newest good checkpoint; corrupt newer ones are moved to `corrupt/` (or
     skipped when read-only).
 
     Args:
       abstract_state: the state's structure (e.g. from `jax.eval_shape`), giving shapes,
         dtypes and shardings.
+      partial: restore only the leaves of `abstract_state` (a subtree of the saved state, e.g.
+        without the optimizer state); the data and config items are then None.
 
     Returns:
       (step, state, data iterator state, config), or None when there is no checkpoint.
@@ -172,7 +194,7 @@ class Checkpointer:
     bad = []
     for step in reversed(self.steps()):
       try:
-        state, data, config = self._restore_step(step, abstract_state)
+        state, data, config = self._restore_step(step, abstract_state, partial)
       except _Corrupt as e:
         where = "skipped" if self.read_only else f"moved to {self.quarantine(step, CORRUPT)}"
         logging.warning(

@@ -1,12 +1,13 @@
-"""Tests for engram_jax/memory/accuracy.py on a `tiny` run trained for a few steps."""
+"""Tests for bench/accuracy.py on a `tiny` run trained for a few steps."""
 
 import json
 import math
 
 import pytest
 
+from bench import accuracy
 from engram_jax import presets
-from engram_jax.memory import accuracy, storage
+from engram_jax.memory import storage
 
 
 @pytest.fixture(scope="module")

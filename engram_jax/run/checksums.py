@@ -94,7 +94,7 @@ def _sum_over_processes(values: list[int]) -> list[int]:
 
   # 64-bit sums travel as four 16-bit pieces in int32 (jax runs without x64).
   pieces = np.asarray([[(v >> (16 * k)) & 0xFFFF for k in range(4)] for v in values], np.int32)
-  gathered = np.asarray(multihost_utils.process_allgather(pieces))  # [P, L, 4]
+  gathered = np.asarray(multihost_utils.process_allgather(pieces))  # [processes, leaves, 4]
   out = []
   for leaf in range(len(values)):
     total = sum(
@@ -136,14 +136,16 @@ def json_checksum(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def structure_mismatch(saved: dict[str, dict], wanted: dict[str, dict]) -> str | None:
-  """None if both records have the same leaves with the same shapes and dtypes; else a
-  sentence naming the first difference."""
+def structure_mismatch(
+  saved: dict[str, dict], wanted: dict[str, dict], subset: bool = False
+) -> str | None:
+  """None if both records have the same leaves (`subset`: the wanted ones are among the saved
+  ones) with the same shapes and dtypes; else a sentence naming the first difference."""
   for path in wanted:
     if path not in saved:
       return f"leaf {path} is missing from the checkpoint"
   for path in saved:
-    if path not in wanted:
+    if path not in wanted and not subset:
       return f"the checkpoint has a leaf {path} that this model does not have"
   for path, want in wanted.items():
     got = saved[path]

@@ -13,7 +13,6 @@ import functools
 import gc
 import math
 import re
-import time
 from collections.abc import Callable
 
 import jax
@@ -21,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench.common import best_times, run_prefetched, scattered_zipf, toy_forward, zipf_cdf
+from engram_jax import plots
 from engram_jax.config import OptimConfig
 from engram_jax.memory import base, create, device, host, sharded, tiered
-from engram_jax.train import plots
 
 _CFG = OptimConfig()
 
@@ -71,36 +71,9 @@ class BenchConfig:
     return int(self.table_gb * 1e9) // ((dim or self.dim) * 4)
 
 
-def scattered_zipf(rng, shape, rows: int, a: float) -> np.ndarray:
-  """Ids whose ranks follow Zipf(a) truncated to `rows` ranks (sampled by inverting the CDF),
-  hot ranks scattered over the rows by a multiplicative hash (a bijection: the multiplier is
-  prime)."""
-  cdf = _zipf_cdf(rows, a)
-  ranks = np.searchsorted(cdf, rng.random(shape) * cdf[-1]).astype(np.uint64)
-  return ((ranks * np.uint64(2654435761)) % np.uint64(rows)).astype(np.int32)
-
-
-@functools.lru_cache(maxsize=4)
-def _zipf_cdf(rows: int, a: float) -> np.ndarray:
-  return np.cumsum(np.arange(1, rows + 1, dtype=np.float64) ** -a)
-
-
 @functools.lru_cache(maxsize=1)
 def _table_rows(rows: int, dim: int) -> np.ndarray:
   return base.init_rows(rows, dim, seed=0)
-
-
-def best_times(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
-  """Best seconds per call of each function, calls interleaved, one warm-up each."""
-  for fn in fns.values():
-    fn()
-  best = dict.fromkeys(fns, math.inf)
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
 
 
 def _copies(n: int, dim: int) -> dict[str, Callable]:
@@ -143,42 +116,6 @@ def fetch_section(cfg: BenchConfig) -> list[str]:
     )
     del table, fns
     gc.collect()
-  return out
-
-
-def toy_forward(
-  tokens: int, width: int, layers: int, row_width: int, dtype=jnp.float32, seed: int = 1
-):
-  """A forward pass to hide a fetch behind: `layers` D x D matmuls over [T, D], the Engram rows
-  [T, H, Dh] (H * Dh = `row_width`) projected and added after half the layers.
-
-  Returns:
-    model(rows) -> scalar (jit it).
-  """
-  key = jax.random.key(seed)
-  w = (jax.random.normal(key, (layers, width, width)) / math.sqrt(width)).astype(dtype)
-  proj = (jax.random.normal(key, (row_width, width)) / math.sqrt(row_width)).astype(dtype)
-
-  def model(rows):
-    x = jnp.ones((tokens, width), dtype)
-    for layer in range(layers):
-      if layer == layers // 2:
-        x = x + rows.reshape(tokens, row_width).astype(dtype) @ proj  # [T, H*Dh] @ [H*Dh, D]
-      x = jnp.tanh(x @ w[layer])  # [T, D] @ [D, D]
-    return jnp.sum(x.astype(jnp.float32))
-
-  return model
-
-
-def run_prefetched(table, step_fn: Callable, batches: list):
-  """Runs `step_fn(rows)` per batch of ids, each batch's rows fetched on the table's prefetch
-  thread while the previous step runs; returns the last step's output."""
-  pending, out = table.prefetch(batches[0]), None
-  for k in range(len(batches)):
-    rows = pending.result()
-    if k + 1 < len(batches):
-      pending = table.prefetch(batches[k + 1])  # overlaps this step
-    out = step_fn(rows)
   return out
 
 
@@ -289,7 +226,7 @@ def tiered_hit_rates(cfg: BenchConfig) -> list[dict]:
     rng = np.random.default_rng(3)
     calib = [scattered_zipf(rng, (cfg.hit_batch_ids,), r, a) for _ in range(cfg.hit_batches)]
     evals = [scattered_zipf(rng, (cfg.hit_batch_ids,), r, a) for _ in range(cfg.hit_batches)]
-    cdf = _zipf_cdf(r, a)
+    cdf = zipf_cdf(r, a)
     for frac in cfg.cache_fractions:
       record = {"zipf": a, "fraction": frac, "ideal": float(cdf[round(frac * r) - 1] / cdf[-1])}
       for policy in tiered.POLICIES:

@@ -1,4 +1,4 @@
-"""Tests for engram_jax/train/checksums.py: sharding-independent checksums of host bytes."""
+"""Tests for engram_jax/run/checksums.py: sharding-independent checksums of host bytes."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from engram_jax.train import checksums
+from engram_jax.run import checksums
 
 
 def _mesh():

@@ -77,8 +77,9 @@ def loss_curve(metrics_path: str | Path, out: str | Path, title: str = "") -> No
 
 
 def hit_rates(records: Sequence[Mapping], policies: Sequence[str], out: str | Path) -> None:
-  """Tiered cache hit rates (`memory.measure.tiered_hit_rates` records): one panel per Zipf
-  exponent, the hit rate of each policy and the ideal against cache size."""
+  """Tiered cache hit rates (records {"zipf", "fraction", "ideal", and each policy's hit rate},
+  as `bench/memory_sections.py` writes them): one panel per Zipf exponent, the hit rate of each
+  policy and the ideal against cache size."""
   exponents = sorted({rec["zipf"] for rec in records})
   fig, axes = plt.subplots(1, len(exponents), figsize=(5 * len(exponents), 4), dpi=110,
                            squeeze=False, sharey=True)  # fmt: skip

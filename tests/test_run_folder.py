@@ -1,4 +1,4 @@
-"""Tests for engram_jax/train/rundir.py and loop.prepare: a run's identity, the refusals that
+"""Tests for engram_jax/run/folder.py and train/loop.prepare: a run's identity, the refusals that
 keep a run from being overwritten, the metrics log and the divergence detector."""
 
 import dataclasses
@@ -9,8 +9,10 @@ import pytest
 from conftest import tree_snapshot
 
 from engram_jax import errors, presets
+from engram_jax.config import MemoryConfig
 from engram_jax.data import default_corpus_path
-from engram_jax.train import loop, rundir
+from engram_jax.run import folder
+from engram_jax.train import loop
 
 
 def _prepare(exp, workdir, corpus, **kw):
@@ -26,7 +28,7 @@ def test_run_json_records_the_identity(finished_run, small_corpus):
   assert (record["seed"], record["batch_size"], record["seq_len"]) == (0, 2, 32)
   (corpus,) = record["corpus"]
   assert corpus["bytes"] == os.path.getsize(small_corpus) and len(corpus["sha256"]) == 64
-  assert record["tokenizer"]["sha256"] == rundir.file_digest(record["tokenizer"]["path"])["sha256"]
+  assert record["tokenizer"]["sha256"] == folder.file_digest(record["tokenizer"]["path"])["sha256"]
   assert record["version"] == "0.1.0"
 
 
@@ -100,8 +102,9 @@ def test_resume_may_change_steps_and_rates(finished_run):
     tiny,
     train=dataclasses.replace(tiny.train, steps=9, eval_every=2),
     optim=dataclasses.replace(tiny.optim, lr=1e-3),
+    memory=MemoryConfig(kind="host"),
   )
-  prepared = _prepare(longer, workdir, corpus, resume=True, memory="host")
+  prepared = _prepare(longer, workdir, corpus, resume=True)
   assert prepared.resume
   assert any("config.train.steps changes from 6 to 9" in n for n in prepared.notes)
   assert any("config.optim.lr changes" in n for n in prepared.notes)
@@ -112,7 +115,7 @@ def test_resume_may_change_steps_and_rates(finished_run):
 
 
 def test_metrics_cut_back_drops_torn_lines_and_repeats(tmp_path):
-  log = rundir.MetricsLog(tmp_path / "metrics.jsonl")
+  log = folder.MetricsLog(tmp_path / "metrics.jsonl")
   for step in (1, 2, 3):
     log.append({"step": step, "loss": float(step)})
   log.append({"step": 3, "val_loss": 1.0})
