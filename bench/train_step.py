@@ -1,9 +1,16 @@
-"""Train-step time of an Engram model against its iso-parameter MoE baseline.
+"""Train-step time of an Engram model against its iso-parameter MoE baseline, and the share of
+the machine a step uses.
 
 Both jitted steps run on the same batch, interleaved (Engram, baseline, Engram, ...) in one
 process so machine noise hits both alike; the script prints the median step time of each and
 their ratio (goal: Engram costs at most 10% more per step). Host hashing is not part of the
 step (it runs in the data pipeline ahead of time), so it is timed separately and printed too.
+
+The share of the machine: each model's tokens/s, its achieved GFLOP/s (3 x the model's own
+`flops_per_token` x tokens/s: forward plus a backward of twice the forward) and that as a share
+of the fp32 matmul rate measured in the same run on the model's own matmul shapes (goal on
+`cpu_small`: >= 0.45); and XLA's executed FLOPs of the step (cost analysis) against that
+accounting (goal: within 1.3x).
 
     python -m bench.train_step [--preset cpu_small --repeats 20]
 """
@@ -15,12 +22,15 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from bench.common import best_times
 from engram_jax import presets
 from engram_jax.data import default_tokenizer_path
 from engram_jax.hashing import EngramHashing
+from engram_jax.params import count_params
 from engram_jax.train.step import Trainer
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", "An Engram preset.")
@@ -33,6 +43,24 @@ def _trainer(exp, vocab_size, wiring):
   model = dataclasses.replace(exp.model, vocab_size=vocab_size)
   layouts = wiring.layouts if model.engram is not None else {}
   return Trainer(model, exp.optim, exp.train.steps, layouts)
+
+
+def matmul_rate(model, tokens: int, repeats: int) -> float:
+  """fp32 FLOP/s of the model's matmul shapes ([tokens, D] against the attention projections,
+  an expert's and the dense FFN's widths, and the LM head), timed back to back."""
+  d = model.d_model
+  widths = [model.num_heads * model.head_dim, model.ffn_hidden, model.vocab_size]
+  if model.moe is not None:
+    widths.append(model.moe.expert_hidden)
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (tokens, d), jnp.float32)
+  ws = [
+    jax.random.normal(jax.random.fold_in(key, i), (d, w), jnp.float32) for i, w in enumerate(widths)
+  ]
+  dot = jax.jit(lambda x, w: x @ w)
+  flops = sum(2 * tokens * d * w for w in widths)
+  best = best_times({"matmuls": lambda: [dot(x, w) for w in ws]}, repeats)["matmuls"]
+  return flops / best
 
 
 def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
@@ -57,7 +85,7 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
     wiring.hash_ids(tokens[:, :-1])
     hash_times.append(time.perf_counter() - start)
 
-  runs = {}
+  runs, executed, accounted = {}, {}, {}
   for name, e in (("engram", exp), ("baseline", presets.baseline_of(exp))):
     trainer = _trainer(e, vocab, wiring)
     batch = {
@@ -70,6 +98,11 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
     batch = jax.device_put(batch)
     state = jax.jit(lambda k, tr=trainer: tr.init(k, t.batch_size, t.seq_len))(jax.random.key(0))
     step = jax.jit(trainer.train_step, donate_argnums=0)
+    cost = step.lower(state, batch).compile().cost_analysis()
+    executed[name] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    accounted[name] = (
+      3 * count_params(trainer.model_cfg, t.seq_len).flops_per_token * (t.batch_size * t.seq_len)
+    )
     state, m = step(state, batch)  # compile
     jax.block_until_ready(m)
     runs[name] = [step, state, batch, []]
@@ -82,14 +115,26 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
       times.append(time.perf_counter() - tic)
       run[1] = state
   med = {name: statistics.median(run[3]) for name, run in runs.items()}
-  return {
+  tokens_per_step = t.batch_size * t.seq_len
+  rate = matmul_rate(_trainer(exp, vocab, wiring).model_cfg, tokens_per_step, repeats)
+  out = {
     "engram_s": med["engram"],
     "baseline_s": med["baseline"],
     "ratio": med["engram"] / med["baseline"],
     "hash_s": statistics.median(hash_times),
     "first_hash_s": first_hash_seconds,
-    "tokens": t.batch_size * t.seq_len,
+    "tokens": tokens_per_step,
+    "matmul_gflops": rate / 1e9,
   }
+  for name in runs:
+    achieved = accounted[name] / med[name]
+    out[name] = {
+      "tokens_per_sec": tokens_per_step / med[name],
+      "gflops": achieved / 1e9,
+      "share": achieved / rate,
+      "executed_over_accounted": executed[name] / accounted[name],
+    }
+  return out
 
 
 def main(argv):
@@ -102,6 +147,14 @@ def main(argv):
   print(f"Engram step:        {r['engram_s'] * 1e3:8.1f} ms")
   print(f"MoE baseline step:  {r['baseline_s'] * 1e3:8.1f} ms")
   print(f"ratio:              {r['ratio']:8.3f}  (goal <= 1.10)")
+  print(f"fp32 matmul rate on the model's shapes: {r['matmul_gflops']:.1f} GFLOP/s")
+  for name in ("engram", "baseline"):
+    m = r[name]
+    print(
+      f"{name:<9} {m['tokens_per_sec']:9,.0f} tokens/s  {m['gflops']:6.1f} GFLOP/s achieved = "
+      f"{m['share']:.3f} of the matmul rate (goal >= 0.45); XLA executes "
+      f"{m['executed_over_accounted']:.2f}x the accounted FLOPs (goal <= 1.3)"
+    )
   print(
     f"host hashing of the batch (outside the step, in the data pipeline): "
     f"{r['hash_s'] * 1e3:.2f} ms (median of {_REPEATS.value}; the process's first call, which "

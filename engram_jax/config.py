@@ -10,6 +10,8 @@ import dataclasses
 import typing
 from collections.abc import Sequence
 
+MOE_DISPATCHES = ("auto", "ragged", "blocks")
+
 
 def _check(cond: bool, field: str, expected: str, got) -> None:
   if not cond:
@@ -186,6 +188,10 @@ class MoEConfig:
     expert_hidden: F, hidden width of one expert.
     routed_scaling: factor on the normalised routed gates.
     balance_rate: gamma, the per-step bias update of aux-loss-free balancing.
+    dispatch: how the routed experts run: 'ragged' (`jax.lax.ragged_dot`, native on GPU/TPU),
+      'blocks' (one batched matmul over blocks of one expert each: XLA:CPU lowers ragged_dot
+      densely, E times the work) or 'auto' (ragged on GPU/TPU, blocks elsewhere). Every choice
+      gives the same outputs and gradients to float rounding.
   """
 
   num_experts: int = 8
@@ -194,6 +200,7 @@ class MoEConfig:
   expert_hidden: int = 64
   routed_scaling: float = 1.0
   balance_rate: float = 1e-3
+  dispatch: str = "auto"
 
   def __post_init__(self):
     _check(
@@ -221,6 +228,7 @@ class MoEConfig:
       self.expert_hidden,
     )
     _check(self.balance_rate >= 0, "balance_rate", "a rate >= 0", self.balance_rate)
+    _check(self.dispatch in MOE_DISPATCHES, "dispatch", f"one of {MOE_DISPATCHES}", self.dispatch)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,6 +149,7 @@ class Block(nn.Module):
         num_shared=moe.num_shared,
         routed_scaling=moe.routed_scaling,
         dtype=dtype,
+        dispatch=moe.dispatch,
         name="moe",
       )(x)
     else:

@@ -10,7 +10,8 @@ import pytest
   ("module", "args", "expected"),
   [
     ("bench.hashing", ["--batch=4", "--seq=300", "--repeats=1"], "speedup:"),
-    ("bench.train_step", ["--preset=tiny", "--repeats=2"], "ratio:"),
+    ("bench.train_step", ["--preset=tiny", "--repeats=2"], "of the matmul rate"),
+    ("bench.step_profile", ["--preset=tiny", "--repeats=2"], "moe ragged - blocks"),
     ("bench.memory", ["--smoke"], "copy"),
     ("bench.generate", ["--preset=tiny", "--new_tokens=3", "--repeats=1"], "same text from both"),
   ],

@@ -8,8 +8,17 @@ bias is not trained by gradients: after each step the caller nudges it with
 
 Dispatch never builds a [tokens x experts x capacity] one-hot and drops no token: the N*K
 (token, expert) assignments are sorted by expert, the token rows gathered in that order, every
-expert run on its contiguous slice with `jax.lax.ragged_dot`, and the results un-sorted and
-summed per token with the gates.
+expert run on its rows, and the results un-sorted and summed per token with the gates. Two ways
+to run the experts give the same outputs and gradients (to float rounding):
+
+- 'ragged': `jax.lax.ragged_dot` on each expert's contiguous slice. GPUs and TPUs have grouped
+  kernels for it; XLA:CPU lowers it densely, every row against every expert (E times the work).
+- 'blocks': each expert's rows padded to whole blocks of `block_rows(...)` rows, one batched
+  matmul over the blocks with each block's expert weights gathered ([NB, Bk, D] x [NB, D, F]).
+  The padding is at most one block per expert, so the executed work stays within 1.25x of the
+  routed work; the choice on CPU.
+
+'auto' picks 'ragged' on GPU/TPU and 'blocks' elsewhere (`MoEConfig.dispatch`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from engram_jax.config import MOE_DISPATCHES
 from engram_jax.layers.ffn import FeedForward
 
 
@@ -58,6 +68,56 @@ def route(
   return gates, experts.astype(jnp.int32)
 
 
+DISPATCHES = MOE_DISPATCHES
+
+
+def resolve_dispatch(dispatch: str) -> str:
+  """'ragged' or 'blocks' for a `MoEConfig.dispatch` name ('auto': by the default backend)."""
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"dispatch: expected one of {DISPATCHES}, got {dispatch!r}")
+  if dispatch == "auto":
+    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "blocks"
+  return dispatch
+
+
+def block_rows(assignments: int, experts: int) -> int:
+  """Bk: rows per block, a power of two in [8, 64] with the padding (at most one block per
+  expert) at most a quarter of the assignments where the sizes allow."""
+  bk = 64
+  while bk > 8 and experts * bk > assignments // 4:
+    bk //= 2
+  return bk
+
+
+def block_layout(group_sizes: jax.Array, rows: int, block: int) -> tuple[jax.Array, jax.Array]:
+  """Where the expert-sorted rows go when each expert's group is padded to whole blocks.
+
+  Shapes: E experts, Nk = `rows` sorted rows, Bk = `block`, NB = ceil(Nk / Bk) + E blocks (a
+  static bound: padding adds at most one block per expert).
+
+  Args:
+    group_sizes: [E] int rows per expert, summing to Nk.
+    rows: Nk.
+    block: Bk.
+
+  Returns:
+    (dest [Nk] int32 padded position of each sorted row, block_expert [NB] int32 the expert of
+    each block; blocks past the last expert's hold no row and name the last expert).
+  """
+  e = group_sizes.shape[0]
+  blocks = (group_sizes + block - 1) // block  # [E]
+  first_block = jnp.cumsum(blocks) - blocks  # [E]
+  first_row = jnp.cumsum(group_sizes) - group_sizes  # [E]
+  expert = jnp.repeat(jnp.arange(e, dtype=jnp.int32), group_sizes, total_repeat_length=rows)
+  rank = jnp.arange(rows, dtype=jnp.int32) - first_row[expert]  # [Nk] rank within its group
+  dest = (first_block[expert] * block + rank).astype(jnp.int32)  # [Nk]
+  nb = -(-rows // block) + e
+  # Block j belongs to the last expert whose first block is <= j (experts without rows own
+  # none: their first block equals the next expert's).
+  owner = jnp.searchsorted(first_block, jnp.arange(nb), side="right") - 1  # [NB]
+  return dest, jnp.clip(owner, 0, e - 1).astype(jnp.int32)
+
+
 def _expert_init(in_axis: int, out_axis: int):
   # Fan-in scaled per expert: axis 0 indexes experts and does not count towards the fan.
   return nn.initializers.variance_scaling(
@@ -84,6 +144,8 @@ class MoE(nn.Module):
     routed_scaling: factor on the routed gates (they sum to it per token).
     dtype: compute dtype of the experts; the router always runs in float32.
     param_dtype: dtype of the weights.
+    dispatch: how the routed experts run: 'ragged', 'blocks' or 'auto' (see the module
+      docstring).
   """
 
   num_experts: int
@@ -93,6 +155,7 @@ class MoE(nn.Module):
   routed_scaling: float = 1.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  dispatch: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -201,6 +264,8 @@ class MoE(nn.Module):
       [N*K, D] expert outputs in `dtype`, in the same (sorted) order.
     """
     dt = self.dtype
+    if resolve_dispatch(self.dispatch) == "blocks":
+      return _run_blocks(rows, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), group_sizes)
     # [N*K, D] x [E, D, F] -> [N*K, F]
     gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), group_sizes)
     # [N*K, D] x [E, D, F] -> [N*K, F]
@@ -208,3 +273,30 @@ class MoE(nn.Module):
     hidden = jax.nn.silu(gate) * up
     # [N*K, F] x [E, F, D] -> [N*K, D]
     return jax.lax.ragged_dot(hidden, w_down.astype(dt), group_sizes)
+
+
+def _run_blocks(rows, w_gate, w_up, w_down, group_sizes) -> jax.Array:
+  """SwiGLU of each expert on its rows, as one batched matmul over blocks of one expert each.
+
+  Args:
+    rows: [Nk, D] rows sorted by expert (Nk = N*K).
+    w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+    group_sizes: [E] rows per expert.
+
+  Returns:
+    [Nk, D] expert outputs in the sorted order.
+  """
+  nk, d = rows.shape
+  e = group_sizes.shape[0]
+  bk = block_rows(nk, e)
+  dest, block_expert = block_layout(group_sizes, nk, bk)
+  nb = block_expert.shape[0]
+  # [Nk, D] -> [NB * Bk, D] (padding rows zero) -> [NB, Bk, D]
+  blocks = jnp.zeros((nb * bk, d), rows.dtype).at[dest].set(rows).reshape(nb, bk, d)
+  # [NB, Bk, D] x [NB, D, F] -> [NB, Bk, F], each block against its expert's weights
+  gate = jnp.einsum("jbd,jdf->jbf", blocks, w_gate[block_expert])
+  up = jnp.einsum("jbd,jdf->jbf", blocks, w_up[block_expert])
+  hidden = jax.nn.silu(gate) * up
+  # [NB, Bk, F] x [NB, F, D] -> [NB, Bk, D] -> [NB * Bk, D]
+  out = jnp.einsum("jbf,jfd->jbd", hidden, w_down[block_expert]).reshape(nb * bk, d)
+  return out[dest]  # [NB * Bk, D] -> [Nk, D]

@@ -54,6 +54,7 @@ _FREE = (
   "config.memory.storage",
   "config.memory.lookup_impl",
   "config.mesh.data",
+  "config.model.moe.dispatch",  # the same outputs to float rounding
   "steps",  # the top-level copy of config.train.steps
   "tokenizer.path",
   "version",

@@ -315,9 +315,8 @@ def train(
   state = trainer.calibrate(state, calibration_batches())
 
   counts = params_lib.count_params(trainer.model_cfg, t.seq_len)
-  tokens_per_step = t.batch_size * t.seq_len
   last_eval = None
-  timed_tokens, timed_seconds = 0, 0.0
+  clock = _Throughput(t.batch_size * t.seq_len)
   pending: tuple[int, dict] | None = None
   spikes = SpikeDetector(t.spike_factor, t.spike_window, exp.optim.warmup_steps)
   bar = tqdm.tqdm(
@@ -338,9 +337,10 @@ def train(
       "lower --learning_rate"
     )
 
-  def flush(step_metrics: tuple[int, dict], tok_s: float) -> None:
+  def flush(step_metrics: tuple[int, dict]) -> None:
     step, m = step_metrics
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    m = {k: float(v) for k, v in jax.device_get(m).items()}  # waits for `step` to finish
+    tok_s = clock.finished(step)
     # The loss of `step` is that of the parameters of step - 1; the norms are of step's.
     if not math.isfinite(m["loss"]):
       raise diverged(step - 1, f"loss became {m['loss']} at step {step}")
@@ -371,7 +371,7 @@ def train(
       while step < t.steps:
         if guard.received is not None:
           if pending is not None:
-            flush(pending, timed_tokens / max(timed_seconds, 1e-9))
+            flush(pending)
           if step not in ckpt.steps():  # the regular checkpoint may have just saved it
             save(step, state)
           bar.close()
@@ -379,31 +379,29 @@ def train(
             f"signal {guard.received}: saved a checkpoint at step {step} in "
             f"{ckpt.directory}; rerun with --resume to continue"
           )
-        tic = time.perf_counter()
         batch = trainer.shard_batch(next(batches))
         state, metrics = train_step(state, batch)
         step += 1
-        # Read the previous step's metrics while this one runs (the device never waits).
+        # Read the previous step's metrics while this one runs (the device never waits; no
+        # step is waited for on its own).
         if pending is not None:
-          flush(pending, timed_tokens / max(timed_seconds, 1e-9))
+          flush(pending)
         pending = (step, metrics)
-        if step > start + 1:  # the first step compiles: keep it out of the throughput
-          jax.block_until_ready(metrics["loss"])
-          timed_tokens += tokens_per_step
-          timed_seconds += time.perf_counter() - tic
         bar.update(1)
         if on_step is not None:
           on_step(step)
         if step % t.eval_every == 0 or step == t.steps:
-          flush(pending, timed_tokens / max(timed_seconds, 1e-9))
+          flush(pending)
           pending = None
-          last_eval = evaluate(eval_step, state, pipeline, trainer)
-          metrics_log.append({"step": step, **last_eval})
+          with clock.paused():
+            last_eval = evaluate(eval_step, state, pipeline, trainer)
+            metrics_log.append({"step": step, **last_eval})
         if step % t.checkpoint_every == 0 or step == t.steps:
           if pending is not None:
-            flush(pending, timed_tokens / max(timed_seconds, 1e-9))
+            flush(pending)
             pending = None
-          save(step, state)
+          with clock.paused():
+            save(step, state)
   except Exception as e:
     if isinstance(e, errors.RunError) or errors.os_error_of(e) is None:
       raise
@@ -421,13 +419,46 @@ def train(
     "steps": t.steps,
     "val_loss": last_eval["val_loss"],
     "val_engram_gate": last_eval["val_engram_gate"],
-    "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
+    "tokens_per_sec": clock.rate(),
     "params": dataclasses.asdict(counts),
   }
   if primary:
     folder.atomic_write(workdir / folder.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     plots.loss_curve(metrics_log.path, workdir / "loss_curve.png", title=exp.name)
   return results
+
+
+class _Throughput:
+  """Training tokens per second of wall time, from the end of the first (compiling) step seen to
+  the last step seen finished; evaluation and checkpoint time is left out."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self._start: tuple[float, int] | None = None  # (time, step) when timing began
+    self._last: tuple[float, int] | None = None
+    self._paused = 0.0
+
+  def finished(self, step: int) -> float:
+    """Records that `step` has finished; returns the rate so far (0 before two steps)."""
+    now = time.perf_counter()
+    if self._start is None:
+      self._start = (now, step)
+    self._last = (now, step)
+    return self.rate() or 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - start
+
+  def rate(self) -> float | None:
+    if self._start is None or self._last[1] == self._start[1]:
+      return None
+    seconds = self._last[0] - self._start[0] - self._paused
+    return (self._last[1] - self._start[1]) * self.tokens_per_step / max(seconds, 1e-9)
 
 
 def _barrier(name: str) -> None:
