@@ -63,15 +63,6 @@ def _setup(exp, data_cfg, tokens):
   return pipeline, trainer, state, batch
 
 
-def _grad_fn(trainer):
-  def grads(state, batch):
-    rows = trainer.fetch_rows(state, batch["hash_ids"])
-    fn = jax.value_and_grad(trainer._forward, argnums=(0, 2), has_aux=True)
-    return fn(state.params, state.balance, rows, batch)
-
-  return jax.jit(grads)
-
-
 def _with_model(exp, **changes):
   return dataclasses.replace(exp, model=dataclasses.replace(exp.model, **changes))
 
@@ -96,7 +87,7 @@ def measure(preset: str, repeats: int, dispatch: str = "auto") -> dict:
     return trainer._forward(state.params, state.balance, rows, batch)[0]
 
   forward = jax.jit(forward)
-  grads = _grad_fn(trainer)
+  grads = jax.jit(trainer.gradients)
   step = jax.jit(trainer.train_step)
   _, (g_params, _) = grads(state, batch)
   tx = opt_lib.backbone_optimizer(exp.optim, t.steps, state.params)
@@ -109,7 +100,7 @@ def measure(preset: str, repeats: int, dispatch: str = "auto") -> dict:
     ("blocks", _with_dispatch(exp, "blocks")),
   ):
     _, tr, st, b = _setup(e, data_cfg, tokens)
-    fn = _grad_fn(tr)
+    fn = jax.jit(tr.gradients)
     variants[name] = lambda fn=fn, st=st, b=b: fn(st, b)
 
   fns = {

@@ -184,11 +184,16 @@ class Trainer:
     gate = jnp.mean(jnp.stack([g.mean() for g in gates])) if gates else jnp.float32(0)
     return loss, (load, gate)
 
-  def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    """One optimizer step; pure (jit with `donate_argnums=0`)."""
+  def gradients(self, state: TrainState, batch: Batch):
+    """The forward and backward of a step (pure): ((loss, (load, gate)), (gradients w.r.t. the
+    params, {layer: gradients w.r.t. the fetched rows [B, T, H, Dh]}))."""
     rows = self.fetch_rows(state, batch["hash_ids"])
     grad_fn = jax.value_and_grad(self._forward, argnums=(0, 2), has_aux=True)
-    (loss, (load, gate)), (g_params, g_rows) = grad_fn(state.params, state.balance, rows, batch)
+    return grad_fn(state.params, state.balance, rows, batch)
+
+  def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    """One optimizer step; pure (jit with `donate_argnums=0`)."""
+    (loss, (load, gate)), (g_params, g_rows) = self.gradients(state, batch)
     tx = self._backbone_tx(state.params)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
