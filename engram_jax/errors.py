@@ -1,11 +1,11 @@
-"""Errors a user can act on, and how the command-line scripts report them: one line each.
+"""Errors a user can act on, and their one-line form (the scripts in experiments/ print it).
 
 Every script exits with one of `EXIT_CODES`. A `RunError` carries its own exit code and a
 message that already says what went wrong and how to go on; an `OSError` anywhere in an
 exception's chain (disk full, read-only filesystem, permission denied, ...) is reported as the
 path and the OS error; a `ValueError` or `FileNotFoundError` (bad data, a bad tokenizer) as its
-message. The traceback goes to a log file (`WORKDIR/error.log` for training), never to the
-terminal.
+message (`one_line`). The traceback goes to a log file (`write_log`: `WORKDIR/error.log` for
+training), never to the terminal.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 EXIT_OK = 0
@@ -109,16 +108,17 @@ def os_error_of(exc: BaseException) -> OSError | None:
 def one_line(exc: BaseException) -> tuple[int, str]:
   """(exit code, one-line message) of an exception."""
   if isinstance(exc, RunError):
-    return exc.exit_code, _first_line(str(exc))
+    return exc.exit_code, first_line(str(exc))
   os_error = os_error_of(exc)
   if os_error is not None:
     where = os_error.filename
     where = f"cannot write {where}: " if where else ""
     return EXIT_ERROR, f"{where}[Errno {os_error.errno}] {os_error.strerror}"
-  return EXIT_ERROR, _first_line(f"{type(exc).__name__}: {exc}")
+  return EXIT_ERROR, first_line(f"{type(exc).__name__}: {exc}")
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+  """The first non-empty line of a message."""
   lines = [x for x in text.strip().splitlines() if x.strip()]
   return lines[0] if lines else text
 
@@ -144,35 +144,3 @@ def write_log(exc: BaseException, directory: str | os.PathLike | None, name: str
     except OSError:
       continue
   return candidates[-1]
-
-
-def report(prog: str, exc: BaseException, log_dir: str | os.PathLike | None) -> int:
-  """Prints `exc` as one line on stderr (plus where its traceback went) and returns the exit
-  code."""
-  code, message = one_line(exc)
-  suffix = ""
-  if not isinstance(exc, RunError) or exc.__cause__ is not None:
-    suffix = f" (traceback in {write_log(exc, log_dir, prog)})"
-  print(f"{prog}: {message}{suffix}", file=sys.stderr, flush=True)
-  return code
-
-
-def usage_exit(prog: str, message: str) -> None:
-  """Prints a usage error as one line and exits with `EXIT_USAGE`."""
-  print(f"{prog}: {_first_line(message)}; see --help", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USAGE)
-
-
-def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
-  """A `flags_parser` for `absl.app.run` that reports a bad flag in one line (exit 2) instead
-  of absl's help text."""
-  from absl import flags
-
-  def parse(argv: list[str]) -> list[str]:
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      usage_exit(prog, str(e))
-      raise  # not reached
-
-  return parse

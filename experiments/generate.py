@@ -11,8 +11,9 @@ import sys
 
 from absl import app, flags, logging
 
-from engram_jax import errors, presets
+from engram_jax import presets
 from engram_jax.infer import Generator
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cpu_small/engram", "A training run's folder.")
 _PRESET = flags.DEFINE_string(
@@ -46,11 +47,11 @@ def main(argv):
     )
     text = gen.generate(_PROMPT.value, _TOKENS.value, _TEMPERATURE.value, _SEED.value)
   except Exception as e:  # one line; the traceback goes to a log file
-    sys.exit(errors.report("generate", e, None))
+    sys.exit(cli.report("generate", e, None))
   print(_PROMPT.value + text)
   for layer, table in gen.tables.items():
     print(f"layer {layer} table ({_MEMORY.value}): {table.stats()}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=errors.flags_parser("generate"))
+  app.run(main, flags_parser=cli.flags_parser("generate"))

@@ -17,9 +17,10 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from engram_jax import config, errors, presets, sharding
+from engram_jax import config, presets, sharding
 from engram_jax.config import MEMORY_KINDS
 from engram_jax.train import compare, loop
+from experiments import cli
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", f"One of {sorted(presets.PRESETS)}.")
 _CORPUS = flags.DEFINE_multi_string(
@@ -112,7 +113,7 @@ def main(argv):
   try:
     exp = _check_flags()
   except (ValueError, FileNotFoundError) as e:
-    errors.usage_exit("train", str(e))
+    cli.usage_exit("train", str(e))
   kwargs = dict(
     corpus_files=tuple(_CORPUS.value),
     tokenizer_file=_TOKENIZER.value,
@@ -127,8 +128,8 @@ def main(argv):
       results = loop.train(exp, _WORKDIR.value, label=exp.name, **kwargs)
       print(json.dumps({k: results[k] for k in ("val_loss", "tokens_per_sec")}, indent=2))
   except Exception as e:  # every failure is one line; the traceback goes to error.log
-    sys.exit(errors.report("train", e, _WORKDIR.value))
+    sys.exit(cli.report("train", e, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=errors.flags_parser("train"))
+  app.run(main, flags_parser=cli.flags_parser("train"))

@@ -12,7 +12,7 @@ from engram_jax import errors, presets
 from engram_jax.config import MemoryConfig
 from engram_jax.data import default_corpus_path
 from engram_jax.run import folder
-from engram_jax.train import loop
+from engram_jax.train import loop, monitors
 
 
 def _prepare(exp, workdir, corpus, **kw):
@@ -135,14 +135,14 @@ def test_metrics_cut_back_drops_torn_lines_and_repeats(tmp_path):
 
 
 def test_spike_detector():
-  spikes = loop.SpikeDetector(factor=4.0, window=5, after_step=2)
+  spikes = monitors.SpikeDetector(factor=4.0, window=5, after_step=2)
   assert spikes.check(1, 100.0) is None  # warm-up: never a spike
   for step, loss in enumerate([5.0, 4.0, 4.5, 4.2, 4.1], start=2):
     assert spikes.check(step, loss) is None
   assert spikes.check(7, 16.0) is None  # under 4x the median 4.2
   message = spikes.check(8, 1e11)
   assert "above 4x the median" in message and "step 8" in message
-  assert loop.SpikeDetector(factor=0, window=5, after_step=0).check(20, 1e30) is None
+  assert monitors.SpikeDetector(factor=0, window=5, after_step=0).check(20, 1e30) is None
 
 
 def test_one_line_errors():

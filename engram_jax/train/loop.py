@@ -18,15 +18,11 @@ the step before it to `checkpoints/diverged/`.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
-import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,6 +43,7 @@ from engram_jax.memory.table import TableLayout
 from engram_jax.run import folder
 from engram_jax.run.checkpoint import DIVERGED, Checkpointer, SaveFailed
 from engram_jax.tokenization import load_tokenizer
+from engram_jax.train import monitors
 from engram_jax.train.step import Trainer
 
 __all__ = ["Interrupted", "TrainingDiverged", "prepare", "train"]
@@ -89,61 +86,6 @@ def data_config(exp: ExperimentConfig, corpus_files=(), tokenizer_file=None) -> 
     val_batches=t.eval_batches,
     seed=t.seed,
   )
-
-
-class _SignalGuard:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.received: int | None = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      # Outside the main thread signals cannot be caught; training then runs unguarded.
-      with contextlib.suppress(ValueError):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signum
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
-class SpikeDetector:
-  """Flags a loss far above the median of the recent ones (after warm-up).
-
-  Args:
-    factor: a loss above `factor` x the running median is a spike; 0 disables.
-    window: how many recent losses the median is over.
-    after_step: no check up to this step (the warm-up, when the loss moves fast).
-  """
-
-  MIN_HISTORY = 10  # losses needed before the median is trusted
-
-  def __init__(self, factor: float, window: int, after_step: int):
-    self.factor, self.after_step = factor, after_step
-    self.recent: collections.deque[float] = collections.deque(maxlen=window)
-
-  def check(self, step: int, loss: float) -> str | None:
-    """None, or why `loss` at `step` is a spike; the loss joins the history otherwise."""
-    if (
-      self.factor
-      and step > self.after_step
-      and len(self.recent) >= min(self.MIN_HISTORY, self.recent.maxlen)
-    ):
-      median = float(np.median(self.recent))
-      if loss > self.factor * median:
-        return (
-          f"loss {loss:.4g} at step {step} is above {self.factor:g}x the median {median:.4g} "
-          f"of the last {len(self.recent)} steps"
-        )
-    self.recent.append(loss)
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,9 +258,9 @@ def train(
 
   counts = params_lib.count_params(trainer.model_cfg, t.seq_len)
   last_eval = None
-  clock = _Throughput(t.batch_size * t.seq_len)
+  clock = monitors.Throughput(t.batch_size * t.seq_len)
   pending: tuple[int, dict] | None = None
-  spikes = SpikeDetector(t.spike_factor, t.spike_window, exp.optim.warmup_steps)
+  spikes = monitors.SpikeDetector(t.spike_factor, t.spike_window, exp.optim.warmup_steps)
   bar = tqdm.tqdm(
     total=t.steps, initial=start, desc=label, disable=not (progress and primary), dynamic_ncols=True
   )
@@ -365,7 +307,7 @@ def train(
     )
 
   try:
-    with _SignalGuard() as guard, bar:
+    with monitors.SignalGuard() as guard, bar:
       step = start
       batches: Iterator = data_iter
       while step < t.steps:
@@ -426,39 +368,6 @@ def train(
     folder.atomic_write(workdir / folder.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     plots.loss_curve(metrics_log.path, workdir / "loss_curve.png", title=exp.name)
   return results
-
-
-class _Throughput:
-  """Training tokens per second of wall time, from the end of the first (compiling) step seen to
-  the last step seen finished; evaluation and checkpoint time is left out."""
-
-  def __init__(self, tokens_per_step: int):
-    self.tokens_per_step = tokens_per_step
-    self._start: tuple[float, int] | None = None  # (time, step) when timing began
-    self._last: tuple[float, int] | None = None
-    self._paused = 0.0
-
-  def finished(self, step: int) -> float:
-    """Records that `step` has finished; returns the rate so far (0 before two steps)."""
-    now = time.perf_counter()
-    if self._start is None:
-      self._start = (now, step)
-    self._last = (now, step)
-    return self.rate() or 0.0
-
-  @contextlib.contextmanager
-  def paused(self):
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      self._paused += time.perf_counter() - start
-
-  def rate(self) -> float | None:
-    if self._start is None or self._last[1] == self._start[1]:
-      return None
-    seconds = self._last[0] - self._start[0] - self._paused
-    return (self._last[1] - self._start[1]) * self.tokens_per_step / max(seconds, 1e-9)
 
 
 def _barrier(name: str) -> None:
