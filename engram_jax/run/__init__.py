@@ -39,7 +39,7 @@ class LoadedRun:
   """A trained run, ready to serve.
 
   Attributes:
-    workdir: the run's folder.
+    workdir: the run's folder (None for an untrained model).
     experiment: its experiment config (the model's vocabulary is the tokenizer's).
     tokenizer: its tokenizer.
     special_ids: the tokenizer's pad / bos / eos ids.
@@ -50,7 +50,7 @@ class LoadedRun:
     tables: {layer: [R, Dh] NumPy rows} of every Engram layer (padding rows dropped).
   """
 
-  workdir: Path
+  workdir: Path | None
   experiment: ExperimentConfig
   tokenizer: tokenizers.Tokenizer
   special_ids: SpecialTokenIds
