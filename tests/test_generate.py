@@ -130,3 +130,21 @@ def test_generate_script_reports_one_line(trained, tmp_path):
   )
   assert r.returncode == 1 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("generate: ")
+
+
+def test_serving_skips_a_corrupt_checkpoint_and_moves_nothing(finished_run):
+  import json
+
+  from engram_jax.run import load_run
+
+  workdir, _, _ = finished_run
+  # Step 6's record no longer matches a leaf serving reads: verification must catch it.
+  record_file = workdir / "checkpoints" / "6" / "checksums" / "metadata"
+  record = json.loads(record_file.read_text())
+  leaf = next(k for k in sorted(record["state"]) if k.startswith("['params']"))
+  record["state"][leaf]["checksum"] = "0" * 16
+  record_file.write_text(json.dumps(record))
+  assert load_run(workdir).step == 3  # falls back, read-only
+  assert Generator.from_checkpoint(workdir).generate("And God said", 2) is not None
+  assert (workdir / "checkpoints" / "6").is_dir()
+  assert not (workdir / "checkpoints" / "corrupt").exists()
