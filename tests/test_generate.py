@@ -29,7 +29,7 @@ def test_every_backend_generates_the_same(trained):
       table, layout = gen.tables[1], gen.hashing.layouts[1]
       prompt = np.asarray([gen.tokenizer.encode("And God said").ids])
       rows = np.asarray(layout.row_ids(gen.hashing.hash_ids(prompt)[1]))
-      assert set(rows.reshape(-1)) <= set(table.cached_ids.tolist())
+      assert set(rows.reshape(-1)) <= set(np.asarray(table.state.cached_ids).tolist())
       assert table.stats()["hits"] > 0
   assert outputs["device"] == outputs["host"] == outputs["tiered"]
   assert len(outputs["device"]) > 0

@@ -93,7 +93,7 @@ def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device)
   batches = _batches(3, 4)
   state = trainer.calibrate(state, batches[:1])
   cache = state.tables[table_key(1)]
-  assert cache.cache.shape[0] == round(0.1 * cache.table.shape[0])
+  assert cache.cache.shape[0] == round(0.1 * cache.lower.table.shape[0])
   rows = (batches[0]["hash_ids"][1] + trainer.layouts[1].offsets).reshape(-1)
   hottest = np.bincount(rows).argmax()  # the row the calibration batch read most
   assert hottest in np.asarray(cache.cached_ids)
@@ -105,16 +105,16 @@ def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device)
   _, ref_losses = on_device
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   table = state.tables[table_key(1)]
-  assert table.table.sharding.memory_kind == "pinned_host"
-  filled = np.asarray(table.cached_ids) < table.table.shape[0]  # [L]; the rest are empty
+  assert table.lower.table.sharding.memory_kind == "pinned_host"
+  filled = np.asarray(table.cached_ids) < table.lower.table.shape[0]  # [L]; the rest are empty
   assert filled.sum() > 0
   np.testing.assert_array_equal(
     np.asarray(table.cache)[filled],
-    np.asarray(table.table)[np.asarray(table.cached_ids)[filled]],
+    np.asarray(table.lower.table)[np.asarray(table.cached_ids)[filled]],
   )
   # A checkpoint holds the table and its moments alone, the same for every backend.
   saved = trainer.checkpoint_tree(state)["tables"][table_key(1)]
-  assert type(saved) is backend_lib.TableState and saved.table is table.table
+  assert type(saved) is backend_lib.TableState and saved.table is table.lower.table
 
 
 def test_backend_errors():

@@ -68,7 +68,7 @@ def test_apply_gradients_is_the_sparse_adam_of_the_whole_table():
     flat_ids, flat_grads = ids.reshape(-1), grads.reshape(-1, DH)  # [B, T, H] -> [N]
     ref, ref_state = reference(ref, ref_state, flat_ids, flat_grads, jnp.float32(0.01), cfg=CFG)
   np.testing.assert_array_equal(table.rows(), ref)
-  np.testing.assert_array_equal(table.state.opt.nu, ref_state.nu)
+  np.testing.assert_array_equal(np.asarray(table.state.opt.nu)[:R], ref_state.nu)
   assert int(table.state.opt.count) == 3 and table.stats()["updates"] == 3
   untouched = np.setdiff1d(np.arange(R), np.asarray(ids))
   assert untouched.size  # some rows were never read in the last step

@@ -79,7 +79,7 @@ def test_fetch_clamps_int32_and_int64_alike(name, mesh):
     )
   if name == "tiered-static":
     # calibrate counted IDS as rows 0 and R - 1 (never as the wrapped row 5).
-    assert {0, R - 1} <= set(table.cached_ids.tolist())
+    assert {0, R - 1} <= set(np.asarray(table.state.cached_ids).tolist())
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))

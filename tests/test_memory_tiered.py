@@ -35,17 +35,18 @@ def test_rows_and_training_equal_the_device_backend(policy):
     table.apply_gradients(ids, grads, 0.01, CFG)
     ref.apply_gradients(ids, grads, 0.01, CFG)
     # Write-through: cached rows hold the host table's current values.
-    live = table.cached_ids < R
-    np.testing.assert_array_equal(np.asarray(table.cache)[live], ref.rows()[table.cached_ids[live]])
-  assert np.all(table.cached_ids < R)  # filled (LFU: after its first refills)
+    cached = np.asarray(table.state.cached_ids)
+    live = cached < R
+    np.testing.assert_array_equal(np.asarray(table.state.cache)[live], ref.rows()[cached[live]])
+  assert np.all(np.asarray(table.state.cached_ids) < R)  # filled (LFU: after its first refills)
   assert 0 < table.stats()["hits"] < table.stats()["rows_fetched"]
   np.testing.assert_array_equal(table.rows(), ref.rows())
-  assert table.lower.state.table.sharding.memory_kind == "pinned_host"
+  assert table.state.lower.table.sharding.memory_kind == "pinned_host"
 
 
 def test_transfer_path_moves_each_missed_row_once():
-  # engine='jit' has no NumPy view of the host tier: misses are gathered there and cross to
-  # the device, deduplicated, then placed by the jitted combine.
+  # engine='jit' runs the backend's jitted lookup (the training step's): misses are gathered on
+  # the host, deduplicated, and only those cross to the device.
   rows = base.init_rows(R, DH, 0)
   ref = memory.create("device", num_rows=R, dim=DH, rows=rows)
   table = memory.create(
@@ -70,20 +71,20 @@ def test_lru_keeps_the_rows_used_last():
   )
   table.fetch(np.array([5, 6, 5, 5]))  # 5 is the most frequent ...
   table.fetch(np.array([6, 7]))  # ... but 6 and 7 were used last
-  np.testing.assert_array_equal(table.cached_ids, [6, 7])
+  np.testing.assert_array_equal(table.state.cached_ids, [6, 7])
   table.reset_stats()
   ids = np.array([7, 5, 6])
   np.testing.assert_array_equal(table.fetch(ids), table.rows()[ids])
   assert (table.stats()["hits"], table.stats()["misses"]) == (2, 1)
   table.calibrate([np.array([1, 2]), np.array([3, 1])])  # the last uses decide here too
-  np.testing.assert_array_equal(table.cached_ids, [1, 3])
+  np.testing.assert_array_equal(table.state.cached_ids, [1, 3])
 
 
 def test_pure_lookup_moves_distinct_misses():
   rows = base.init_rows(R, DH, 4)
   table = memory.create("tiered", num_rows=R, dim=DH, rows=rows, cache_rows=8, policy="static")
   table.calibrate([np.arange(8)])  # rows 0..7 cached
-  state = table.tiered_state()
+  state = table.state
   route = jax.jit(tiered.lookup_with_route, static_argnames=("miss_capacity", "dtype"))
   rng = np.random.default_rng(5)
   repeated = rng.choice(np.arange(100, 110), size=(40, 25))  # 1,000 misses of 10 distinct rows
@@ -102,7 +103,7 @@ def test_hit_rate_accounting():
   assert table.fetch(np.array([1, 2, 3])).shape == (3, DH)
   assert table.stats()["hit_rate"] == 0.0  # an empty cache misses everything
   table.calibrate([np.array([5, 5, 5, 9, 9, 7, 7, 11, 11, 12])])  # top 4: 5, 9, 7, 11
-  np.testing.assert_array_equal(table.cached_ids, [5, 7, 9, 11])
+  np.testing.assert_array_equal(table.state.cached_ids, [5, 7, 9, 11])
   table.reset_stats()
   ids = np.array([[5, 9, 100], [7, 7, 12], [11, 5, 1999]])  # 6 hits, 3 misses
   np.testing.assert_array_equal(table.fetch(ids), table.rows()[ids])
@@ -136,7 +137,7 @@ def test_pure_core_lookup_and_update():
   calibration = _zipf(rng, (256,))
   for t in tables:
     t.calibrate([calibration])
-  state, table = tables[0].tiered_state(), tables[1]  # the state is donated below
+  state, table = tables[0].state, tables[1]  # the state is donated below
   ids = jnp.asarray(_zipf(rng, (6, 5)))
   lookup = jax.jit(tiered.lookup, static_argnames=("miss_capacity", "dtype"))
   for capacity in (2, 64):  # 2: more misses than room, every id comes from the host
@@ -146,8 +147,8 @@ def test_pure_core_lookup_and_update():
     state, ids, grads, jnp.float32(0.01), CFG
   )
   table.apply_gradients(np.asarray(ids), np.asarray(grads), 0.01, CFG)  # the object route
-  np.testing.assert_array_equal(state.lower.table, table.rows())
-  np.testing.assert_array_equal(state.cache, table.cache)
+  np.testing.assert_array_equal(np.asarray(state.lower.table)[:R], table.rows())
+  np.testing.assert_array_equal(state.cache, table.state.cache)
   np.testing.assert_array_equal(lookup(state, ids, 64), table.rows()[np.asarray(ids)])
   tables[0].set_state(state)  # back to the object: it serves the updated rows
   np.testing.assert_array_equal(tables[0].fetch(ids), table.rows()[np.asarray(ids)])

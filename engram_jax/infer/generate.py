@@ -170,11 +170,10 @@ class Generator:
       return
     ids = [np.asarray([self.tokenizer.encode(t).ids], np.int64) for t in texts]
     for layer, table in self.tables.items():
-      if hasattr(table, "calibrate"):
-        layout = self.hashing.layouts[layer]
-        table.calibrate(
-          [np.asarray(layout.row_ids(self.hashing.hash_ids(x)[layer])) for x in ids if x.size]
-        )
+      layout = self.hashing.layouts[layer]
+      table.calibrate(
+        [np.asarray(layout.row_ids(self.hashing.hash_ids(x)[layer])) for x in ids if x.size]
+      )
     self._calibrated = True
 
   def _rows(self, tokens: np.ndarray, last: int | None = None) -> dict:

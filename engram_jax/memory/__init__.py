@@ -4,42 +4,27 @@
 `init` / `lookup` / `update` / `shardings` / `calibrate` over one state pytree per table, and
 `persistent` / `from_persistent` for checkpoints, the same for every kind.
 
-`create(kind, num_rows=..., dim=...)` returns a stateful table object for serving and
-benchmarks, with one interface for every kind (`base.MemoryTable`: `fetch`,
-`apply_gradients`, `stats`), run by the same backend modules' functions:
+`create(kind, num_rows=..., dim=...)` returns a table object for serving and benchmarks
+(`objects.Table`: `fetch`, `prefetch`, `apply_gradients`, `calibrate`, `stats`), a thin
+stateful wrapper that runs the same backend's functions, for every kind:
 
-- 'device': one array in accelerator memory (`device.DeviceTable`);
-- 'sharded': rows split over a mesh axis, fetched with all-to-all (`sharded.ShardedTable`);
-- 'host': the table in pinned host memory, only fetched rows cross (`host.HostTable`);
-- 'tiered': a device cache of hot rows over a host or disk table (`tiered.TieredTable`).
+- 'device': one array in accelerator memory;
+- 'sharded': rows split over a mesh axis, fetched with all-to-all;
+- 'host': the table in pinned host memory, only fetched rows cross;
+- 'tiered': a device cache of hot rows over a host or disk table.
 
 Both look a kind up in one registry (`backends`). docs/memory.md explains how to choose.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import jax.numpy as jnp
 
-from engram_jax.memory import backends as backend_lib
-from engram_jax.memory import base, device, host, sharded, storage, tiered
+from engram_jax.memory import backends, base, device, host, objects, sharded, storage, tiered
 from engram_jax.memory.backends import KINDS, backend
 from engram_jax.memory.base import MemoryTable, TableState
+from engram_jax.memory.objects import options
 from engram_jax.memory.table import TableLayout
-
-
-def _options(cls) -> set[str]:
-  params = inspect.signature(cls.__init__).parameters
-  return {name for name, p in params.items() if p.kind == p.KEYWORD_ONLY}
-
-
-def options(kind: str) -> list[str]:
-  """The keyword options `create` accepts for a backend."""
-  names = _options(backend_lib.table_class(kind))
-  if kind == "tiered":
-    names |= _options(host.HostTable) - {"init_std"}
-  return sorted(names)
 
 
 def create(
@@ -52,7 +37,7 @@ def create(
   rows=None,
   mesh=None,
   **opts,
-) -> MemoryTable:
+) -> objects.Table:
   """A table of `num_rows` rows of width `dim` on the backend `kind`.
 
   Args:
@@ -74,15 +59,13 @@ def create(
   Raises:
     ValueError: for an unknown kind, an option the backend does not take, or bad values.
   """
-  cls = backend_lib.table_class(kind)
-  unknown = sorted(set(opts) - set(options(kind)))
+  known = options(kind)
+  unknown = sorted(set(opts) - set(known))
   if unknown:
-    raise ValueError(f"{kind} table: unknown options {unknown}; it takes {options(kind)}")
-  if mesh is not None:
-    if kind != "sharded":
-      raise ValueError(f"mesh: only the 'sharded' backend takes a mesh, not {kind!r}")
-    opts["mesh"] = mesh
-  return cls(num_rows, dim, dtype, seed, rows, **opts)
+    raise ValueError(f"{kind} table: unknown options {unknown}; it takes {known}")
+  if mesh is not None and kind != "sharded":
+    raise ValueError(f"mesh: only the 'sharded' backend takes a mesh, not {kind!r}")
+  return objects.Table(kind, num_rows, dim, dtype, seed, rows, mesh=mesh, **opts)
 
 
 __all__ = [
@@ -91,10 +74,12 @@ __all__ = [
   "TableLayout",
   "TableState",
   "backend",
+  "backends",
   "base",
   "create",
   "device",
   "host",
+  "objects",
   "options",
   "sharded",
   "storage",

@@ -11,10 +11,10 @@ The pure-functional core for a jitted train step, on flat row ids (`layout.row_i
     state = device.update(state, ids, row_grads, lr, optim_cfg)   # lazy Adam, in the step
 
 Jit the whole step with the state donated: `update` then rewrites only the touched rows in
-place. `DeviceTable` (`memory.create('device', ...)`) wraps the same functions behind the
-object interface of `engram_jax.memory.base`; on a CPU client its `fetch` reads the table
-through a zero-copy NumPy view with a threaded `np.take` (several times faster than XLA's CPU
-gather; `engine='jit'` forces the jitted lookup).
+place. The table object of `memory.create('device', ...)` runs the same functions (through
+`memory.backends`); on a CPU client its `fetch` reads the table through a zero-copy NumPy view
+with a threaded `np.take` (several times faster than XLA's CPU gather; `engine='jit'` forces
+the jitted lookup).
 
 Shapes: R table rows, Dh row width, H heads, N ids.
 """
@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from engram_jax.config import OptimConfig
 from engram_jax.memory import base, dispatch
 from engram_jax.memory.optimizer import sparse_adam_update
 from engram_jax.memory.table import TableLayout
-
-ENGINES = ("auto", "jit", "numpy")
 
 
 def fetch(
@@ -100,82 +97,3 @@ def update(
     cfg,  # [..., Dh] -> [N, Dh]
   )
   return base.TableState(table, opt)
-
-
-_jit_lookup = jax.jit(lookup, static_argnames="implementation")
-_jit_update = jax.jit(update, static_argnames="cfg", donate_argnums=0)
-
-
-class DeviceTable(base.MemoryTable):
-  """The whole table in one device's memory (`memory.create('device', ...)`).
-
-  Options:
-    device: the jax device (default: the first).
-    engine: 'jit' (the jitted `lookup`: Pallas on a GPU, XLA elsewhere), 'numpy' (a threaded
-      NumPy gather through a zero-copy view: CPU clients only) or 'auto' (numpy where a
-      zero-copy view exists, else jit).
-    implementation: the lookup implementation of the jit engine (see `dispatch`).
-    threads: threads of the NumPy gather (default: the CPU count).
-    trainable: False keeps no moments (inference).
-    out_of_range: 'clamp' (default) or 'raise' for ids outside [0, R) (`base.prepare_ids`).
-  """
-
-  kind = "device"
-
-  def __init__(
-    self,
-    num_rows: int,
-    dim: int,
-    dtype=jnp.float32,
-    seed: int = 0,
-    rows=None,
-    *,
-    init_std: float = 1.0,
-    device: jax.Device | None = None,
-    engine: str = "auto",
-    implementation: str = "auto",
-    threads: int | None = None,
-    trainable: bool = True,
-    out_of_range: str = "clamp",
-  ):
-    super().__init__(num_rows, dim, dtype, out_of_range)
-    if engine not in ENGINES:
-      raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    if rows is None:
-      rows = base.init_rows(num_rows, dim, seed, init_std=init_std, dtype=self.dtype)
-    if tuple(rows.shape) != (num_rows, dim):
-      raise ValueError(f"rows: expected shape {(num_rows, dim)}, got {tuple(rows.shape)}")
-    self.device = device or jax.devices()[0]
-    xp = np if isinstance(rows, np.ndarray) else jnp
-    self.state = init(xp.asarray(rows, self.dtype), self.device, trainable)
-    self._implementation = implementation
-    self._threads = threads
-    self._buffers = base.OutputBuffers()
-    self.engine = engine
-    if engine == "numpy" and base.numpy_view(self.state.table) is None:
-      raise ValueError("engine='numpy': this device's memory has no zero-copy NumPy view")
-    if engine == "auto":
-      self.engine = "numpy" if base.numpy_view(self.state.table) is not None else "jit"
-
-  def fetch(self, ids) -> jax.Array:
-    ids = self._ids(ids)  # [...] int32 in [0, R)
-    if self.engine == "numpy":
-      view = base.numpy_view(jax.block_until_ready(self.state.table))
-      rows = base.host_fetch(view, ids, self._buffers, self.device, self._threads)
-    else:
-      rows = _jit_lookup(self.state, jnp.asarray(ids), implementation=self._implementation)
-    self._count_fetch(int(np.prod(np.shape(ids))))
-    return rows
-
-  def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
-    ids = self._ids(ids)  # [...] int32 in [0, R)
-    base.check_grads(ids, grads, self.dim)
-    if self.state.opt is None:
-      raise ValueError("apply_gradients: this table was created with trainable=False")
-    self.state = _jit_update(
-      self.state, jnp.asarray(ids), jnp.asarray(grads), jnp.float32(lr), optim_cfg
-    )
-    self._count_update(int(np.prod(np.shape(ids))))
-
-  def _arrays(self) -> dict:
-    return base.state_items(self.state)

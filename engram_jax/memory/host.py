@@ -20,10 +20,11 @@ the `device` backend) and scatters the new rows back on the host in place. Prefe
 jit: the lookup depends only on the ids, so XLA may start it (and its host-to-device copy)
 before the layers in front of the Engram layer; nothing forces the order.
 
-Two-stage dispatch (what `HostTable` does on a CPU client, measured faster there; see
-docs/memory.md): outside jit, `rows = table.fetch(ids)` (or `table.prefetch(ids)` on a
-background thread, then `.result()`) gathers with a threaded NumPy `take` through a zero-copy
-view of the pinned buffer, the jitted step consumes `rows` and returns the row gradients, and
+Two-stage dispatch (what the table object of `memory.create('host', ...)` does on a CPU
+client, measured faster there; see docs/memory.md): outside jit, `rows = table.fetch(ids)`
+(or `table.prefetch(ids)` on a background thread, then `.result()`) gathers with a threaded
+NumPy `take` through a zero-copy view of the pinned buffer, the jitted step consumes `rows` and
+returns the row gradients, and
 `table.apply_gradients(ids, row_grads, lr, optim_cfg)` runs the jitted `update` above.
 
 Shapes: R table rows, Dh row width, N fetched ids.
@@ -31,7 +32,6 @@ Shapes: R table rows, Dh row width, N fetched ids.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -43,7 +43,6 @@ from jax.sharding import SingleDeviceSharding
 from engram_jax.config import OptimConfig
 from engram_jax.memory import base
 from engram_jax.memory import storage as storage_lib
-from engram_jax.memory.device import ENGINES
 from engram_jax.memory.optimizer import TableOptState, dedup, sparse_adam_update
 
 HOST = jax.memory.Space.Host
@@ -171,118 +170,4 @@ def update(state: HostState, ids, grads, lr, cfg: OptimConfig) -> HostState:
   return update_rows(state, ids, grads, lr, cfg)[0]
 
 
-_jit_lookup = jax.jit(lookup, static_argnames="dtype")
-_jit_update = jax.jit(update, static_argnames="cfg", donate_argnums=0)
-_jit_decode = jax.jit(storage_lib.decode, static_argnames=("storage", "dtype"))
-
-
-class HostTable(base.MemoryTable):
-  """A table in pinned host memory (`memory.create('host', ...)`).
-
-  Options:
-    device: the device whose pinned host memory holds the table and which receives the rows.
-    storage: 'float32', 'bfloat16' or 'int8' (read-only); default: the dtype's.
-    engine: 'numpy' (threaded NumPy gather through a zero-copy view; CPU clients), 'jit'
-      (the jitted `lookup`) or 'auto' (numpy where a zero-copy view exists).
-    threads: threads of the NumPy gather.
-    trainable: False keeps no moments.
-    out_of_range: 'clamp' (default) or 'raise' for ids outside [0, R) (`base.prepare_ids`).
-  """
-
-  kind = "host"
-
-  def __init__(
-    self,
-    num_rows: int,
-    dim: int,
-    dtype=jnp.float32,
-    seed: int = 0,
-    rows=None,
-    *,
-    init_std: float = 1.0,
-    device: jax.Device | None = None,
-    storage: str | None = None,
-    engine: str = "auto",
-    threads: int | None = None,
-    trainable: bool = True,
-    out_of_range: str = "clamp",
-  ):
-    super().__init__(num_rows, dim, dtype, out_of_range)
-    if engine not in ENGINES:
-      raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    self.storage = storage or ("bfloat16" if self.dtype == jnp.bfloat16 else "float32")
-    storage_lib.check_storage(self.storage)
-    if rows is None:
-      rows = base.init_rows(num_rows, dim, seed, init_std=init_std, dtype=self.dtype)
-    rows = np.asarray(rows, self.dtype)  # no copy if already NumPy in this dtype
-    if rows.shape != (num_rows, dim):
-      raise ValueError(f"rows: expected shape {(num_rows, dim)}, got {rows.shape}")
-    self.device = device or jax.devices()[0]
-    self.state = init(rows, self.device, self.storage, trainable)
-    self._threads = threads
-    self._buffers = base.OutputBuffers()
-    self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
-    self._pending: list[Future] = []
-    viewable = base.numpy_view(self.state.table) is not None
-    if engine == "numpy" and not viewable:
-      raise ValueError("engine='numpy': this pinned host memory has no zero-copy NumPy view")
-    self.engine = engine if engine != "auto" else ("numpy" if viewable else "jit")
-
-  @property
-  def trainable(self) -> bool:
-    return self.state.opt is not None
-
-  def _gather(self, ids) -> jax.Array:
-    """ids [...] -> rows [..., Dh] in device memory, gathered by NumPy on the host."""
-    table = base.numpy_view(jax.block_until_ready(self.state.table))
-    values = base.host_fetch(table, ids, self._buffers, self.device, self._threads)
-    if self.storage == "int8":
-      scale = base.host_fetch(
-        base.numpy_view(self.state.scale), ids, self._buffers, self.device, threads=1
-      )
-      return _jit_decode({"values": values, "scale": scale}, storage="int8", dtype=self.dtype)
-    return values if values.dtype == self.dtype else values.astype(self.dtype)
-
-  def fetch(self, ids) -> jax.Array:
-    return self._fetch(self._ids(ids))
-
-  def _fetch(self, ids) -> jax.Array:
-    """`fetch` of ids already prepared (int32 in [0, R))."""
-    n = int(np.prod(np.shape(ids)))
-    if self.engine == "numpy":
-      rows = self._gather(ids)
-    else:
-      rows = _jit_lookup(self.state, jnp.asarray(ids), dtype=self.dtype)
-    self._count_fetch(n, n * storage_lib.row_bytes(self.storage, self.dim))
-    return rows
-
-  def prefetch(self, ids) -> Future:
-    """Starts `fetch(ids)` on a background thread; `.result()` returns the rows.
-
-    Issue it before the work that precedes the rows' use (earlier layers, the previous step's
-    compute in inference). `apply_gradients` waits for pending prefetches first; a prefetch
-    issued before an update reads the rows as they were before it.
-    """
-    ids = np.asarray(self._ids(ids))  # checked here: a bad id raises in the caller
-    future = self._prefetcher.submit(self._fetch, ids)
-    self._pending = [f for f in self._pending if not f.done()] + [future]
-    return future
-
-  def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
-    ids = self._ids(ids)  # [...] int32 in [0, R)
-    base.check_grads(ids, grads, self.dim)
-    if not self.trainable:
-      raise ValueError(f"apply_gradients: this host table ({self.storage}) is read-only")
-    for future in self._pending:
-      future.result()
-    self._pending = []
-    self.state = _jit_update(
-      self.state, jnp.asarray(ids), jnp.asarray(grads), jnp.float32(lr), optim_cfg
-    )
-    self._count_update(int(np.prod(np.shape(ids))))
-
-  def _arrays(self) -> dict:
-    if self.storage == "int8":
-      parts = {"values": np.asarray(self.state.table), "scale": np.asarray(self.state.scale)}
-      return {"table": storage_lib.decode(parts, "int8", self.dtype)}
-    return base.state_items(base.TableState(self.state.table, self.state.opt))
+jit_lookup = jax.jit(lookup, static_argnames="dtype")

@@ -213,7 +213,7 @@ def _local_update(table, opt, ids, grads, lr, cfg, spec: ShardSpec):
   return table, opt, overflow[None]
 
 
-def _constrain(x, spec: ShardSpec, partition: P):
+def constrain(x, spec: ShardSpec, partition: P):
   """Shards x as `partition` (`reshard` on an explicit mesh axis, a constraint otherwise)."""
   sharding = NamedSharding(spec.mesh, partition)
   if spec.mesh.axis_types[spec.mesh.axis_names.index(spec.axis)] == AxisType.Explicit:
@@ -223,7 +223,7 @@ def _constrain(x, spec: ShardSpec, partition: P):
 
 def _flat(ids, spec: ShardSpec):
   flat = base.clip_ids(ids, 0, spec.num_rows - 1).reshape(-1)  # int32, clamped before the cast
-  return _constrain(flat, spec, P(spec.axis))  # [...] -> [N] split over the axis
+  return constrain(flat, spec, P(spec.axis))  # [...] -> [N] split over the axis
 
 
 def lookup_with_route(state: base.TableState, ids, spec: ShardSpec):
@@ -237,7 +237,7 @@ def lookup_with_route(state: base.TableState, ids, spec: ShardSpec):
   rows, overflow = mapped(state.table, _flat(ids, spec))
   # [N, Dh] -> [..., Dh], split over the axis along the leading axis like the ids.
   rows = rows.reshape(*jnp.shape(ids), state.table.shape[1])
-  return _constrain(rows, spec, P(spec.axis)), overflow
+  return constrain(rows, spec, P(spec.axis)), overflow
 
 
 def lookup(state: base.TableState, ids, spec: ShardSpec) -> jax.Array:
@@ -255,7 +255,7 @@ def update_with_route(state: base.TableState, ids, grads, lr, cfg: OptimConfig, 
     in_specs=(P(spec.axis, None), opt_specs, P(spec.axis), P(spec.axis, None), P()),
     out_specs=(P(spec.axis, None), opt_specs, P(spec.axis)),
   )
-  grads = _constrain(jnp.asarray(grads).reshape(-1, dh), spec, P(spec.axis, None))  # [N, Dh]
+  grads = constrain(jnp.asarray(grads).reshape(-1, dh), spec, P(spec.axis, None))  # [N, Dh]
   table, opt, overflow = mapped(
     state.table, state.opt, _flat(ids, spec), grads, jnp.asarray(lr, jnp.float32)
   )
@@ -312,113 +312,3 @@ def init(rows_fn, spec: ShardSpec, dim: int, dtype, trainable: bool = True) -> b
   )
   opt = jax.jit(init_table_state, out_shardings=opt_shardings)(table)
   return base.TableState(table, opt)
-
-
-def _object_lookup(state, padded, spec: ShardSpec, shape: tuple[int, ...]):
-  """The table object's fetch: ids [N'] (N padded to a multiple of P) -> rows [*shape, Dh] (and
-  the route flags)."""
-  rows, overflow = lookup_with_route(state, padded, spec)
-  n = math.prod(shape)
-  if n != padded.shape[0] or not shape or shape[0] % spec.shards:
-    # The rows cannot be split evenly along the ids' leading axis: replicate them.
-    rows = _constrain(rows, spec, P())[:n]
-  return rows.reshape(*shape, state.table.shape[1]), overflow  # [N, Dh] -> [..., Dh]
-
-
-_jit_lookup = jax.jit(_object_lookup, static_argnames=("spec", "shape"))
-_jit_update = jax.jit(update_with_route, static_argnames=("cfg", "spec"), donate_argnums=0)
-
-
-class ShardedTable(base.MemoryTable):
-  """Rows split over a mesh axis (`memory.create('sharded', ..., mesh=mesh)`).
-
-  Options:
-    mesh: the mesh (default: all devices on one axis named 'table').
-    axis: the mesh axis to split over (default: the mesh's first).
-    slack: bucket capacity factor of the all-to-all path (see `ShardSpec`).
-    route: 'all_to_all' (default) or 'all_gather'.
-    trainable: False keeps no moments.
-    out_of_range: 'clamp' (default) or 'raise' for ids outside [0, R) (`base.prepare_ids`).
-  """
-
-  kind = "sharded"
-
-  def __init__(
-    self,
-    num_rows: int,
-    dim: int,
-    dtype=jnp.float32,
-    seed: int = 0,
-    rows=None,
-    *,
-    mesh: Mesh | None = None,
-    axis: str | None = None,
-    slack: float = 2.0,
-    route: str = "all_to_all",
-    init_std: float = 1.0,
-    trainable: bool = True,
-    out_of_range: str = "clamp",
-  ):
-    super().__init__(num_rows, dim, dtype, out_of_range)
-    if mesh is None:
-      mesh = jax.make_mesh((jax.device_count(),), ("table",), axis_types=(AxisType.Auto,))
-    self.spec = ShardSpec(mesh, axis or mesh.axis_names[0], num_rows, slack, route)
-    if rows is None:
-      fn = lambda a, b: base.init_rows(num_rows, dim, seed, init_std=init_std, start=a, stop=b)
-    else:
-      rows = np.asarray(rows)
-      if rows.shape != (num_rows, dim):
-        raise ValueError(f"rows: expected shape {(num_rows, dim)}, got {rows.shape}")
-      fn = lambda a, b: rows[a:b]
-    self.state = init(fn, self.spec, dim, self.dtype, trainable)
-
-  def _pad(self, ids) -> tuple[np.ndarray, int]:
-    """Flat prepared ids padded to a multiple of P with a repeat of the first id (no new
-    row)."""
-    flat = np.asarray(ids).reshape(-1)  # [...] -> [N] int32 in [0, R)
-    n = flat.shape[0]
-    fill = flat[0] if n else 0
-    padded = np.full(-(-max(n, 1) // self.spec.shards) * self.spec.shards, fill, np.int32)
-    padded[:n] = flat
-    return padded, n
-
-  def _count_exchange(self, overflow, n_padded: int, itemsize: int, update: bool) -> None:
-    route = "all_gather" if bool(np.asarray(overflow)[0]) else "all_to_all"
-    per_device = self.spec.exchange_bytes(
-      n_padded // self.spec.shards, self.dim, itemsize, route, update
-    )
-    self._stats.bytes_exchanged += per_device * self.spec.shards
-
-  def fetch(self, ids) -> jax.Array:
-    ids = self._ids(ids)  # [...] int32 in [0, R)
-    padded, n = self._pad(ids)
-    with jax.set_mesh(self.spec.mesh):
-      ids_dev = jax.device_put(padded, self.spec.ids_sharding())
-      rows, overflow = _jit_lookup(self.state, ids_dev, self.spec, tuple(np.shape(ids)))
-    self._count_fetch(n)
-    self._count_exchange(overflow, padded.shape[0], self.dtype.itemsize, update=False)
-    return rows
-
-  def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
-    ids = self._ids(ids)  # [...] int32 in [0, R)
-    base.check_grads(ids, grads, self.dim)
-    if self.state.opt is None:
-      raise ValueError("apply_gradients: this table was created with trainable=False")
-    padded, n = self._pad(ids)
-    # Padding repeats the first id with a zero gradient: its summed gradient is unchanged.
-    padded_grads = np.zeros((padded.shape[0], self.dim), np.float32)
-    padded_grads[:n] = np.asarray(grads, np.float32).reshape(n, self.dim)
-    with jax.set_mesh(self.spec.mesh):
-      self.state, overflow = _jit_update(
-        self.state,
-        jax.device_put(padded, self.spec.ids_sharding()),
-        jax.device_put(padded_grads, self.spec.table_sharding()),
-        jnp.float32(lr),
-        optim_cfg,
-        self.spec,
-      )
-    self._count_update(n)
-    self._count_exchange(overflow, padded.shape[0], 4, update=True)
-
-  def _arrays(self) -> dict:
-    return base.state_items(self.state)
