@@ -7,6 +7,7 @@ Every config is a frozen dataclass that checks its invariants in `__post_init__`
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Sequence
 
@@ -455,19 +456,103 @@ class MemoryConfig:
     )
 
 
+# The mesh's axes, in mesh order: batch replicas, fully sharded data parallelism (parameters
+# and optimizer state split, gathered per use), tensor parallelism, expert parallelism.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# Logical axis name (the layers' names of parameter and activation axes) -> mesh axes, as
+# "name=axis+axis". A dimension is split over the listed axes of size > 1 that divide it (and
+# that no earlier dimension of the same array uses); a name not listed stays replicated.
+LOGICAL_RULES = (
+  "batch=data+fsdp",
+  "embed=fsdp",
+  "vocab=tensor",
+  "heads=tensor",
+  "kv_heads=tensor",
+  "mlp=tensor",
+  "expert=expert",
+)
+
+
+def parse_rules(rules: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+  """{logical name: mesh axes} of rules "name=axis+axis" (an empty right side: replicated).
+
+  Raises:
+    ValueError: a malformed rule, an axis that is not a mesh axis, or a name given twice.
+  """
+  out = {}
+  for rule in rules:
+    name, sep, axes = str(rule).partition("=")
+    parts = tuple(a for a in axes.split("+") if a)
+    _check(bool(sep and name), "mesh.rules", "'name=axis+axis' entries", rule)
+    _check(set(parts) <= set(MESH_AXES), "mesh.rules", f"axes of {MESH_AXES}", rule)
+    _check(name not in out, "mesh.rules", "each logical name once", name)
+    out[name] = parts
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """The device mesh: `data` devices on one data-parallel axis (1: no mesh, one device).
+  """The device mesh: sizes of the axes `MESH_AXES` (all 1: no mesh, one device) and the rules
+  that map the layers' logical axis names onto them.
 
   Attributes:
-    data: devices on the 'data' axis, over every host (the batch and a 'sharded' table are
-      split over it; the backbone is replicated).
+    data: batch replicas (the batch and a 'sharded' Engram table are split over it).
+    fsdp: fully sharded data parallelism: the batch is split over it too, and every parameter
+      and optimizer moment with an "embed" axis is split over it.
+    tensor: tensor parallelism of attention heads, MLP widths and the vocabulary.
+    expert: expert parallelism of the routed experts' weights.
+    rules: logical name -> mesh axes (`LOGICAL_RULES`, the one table of them).
   """
 
   data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+  rules: tuple[str, ...] = LOGICAL_RULES
 
   def __post_init__(self):
-    _check(isinstance(self.data, int) and self.data >= 1, "mesh", "an int >= 1", self.data)
+    for axis in MESH_AXES:
+      size = getattr(self, axis)
+      _check(isinstance(size, int) and size >= 1, f"mesh {axis}", "an int >= 1", size)
+    object.__setattr__(self, "rules", tuple(self.rules))
+    parse_rules(self.rules)
+
+  @property
+  def shape(self) -> dict[str, int]:
+    """{axis: size} in mesh order."""
+    return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.shape.values())
+
+  @property
+  def batch_shards(self) -> int:
+    """How many parts a batch is split into: data x fsdp."""
+    return self.data * self.fsdp
+
+  @classmethod
+  def parse(cls, text: str | int) -> MeshConfig:
+    """A mesh from "8" (8 data-parallel devices) or "data=2,fsdp=2,expert=2" (axis=size).
+
+    Raises:
+      ValueError: naming what was expected.
+    """
+    text = str(text).strip()
+    if text.isdigit():
+      return cls(data=int(text))
+    sizes = {}
+    for item in text.split(","):
+      axis, sep, size = item.strip().partition("=")
+      _check(
+        bool(sep) and axis in MESH_AXES and size.strip().isdigit(),
+        "mesh",
+        f"a device count or axis=size pairs of {MESH_AXES}, e.g. 'data=2,fsdp=2'",
+        text,
+      )
+      _check(axis not in sizes, "mesh", "each axis once", text)
+      sizes[axis] = int(size)
+    return cls(**sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,22 +575,22 @@ class ExperimentConfig:
         f"at least the n-gram order max_ngram_size={engram.max_ngram_size}",
         self.train.seq_len,
       )
-    data = self.mesh.data
+    split = self.mesh.batch_shards
     _check(
-      self.train.batch_size % data == 0,
+      self.train.batch_size % split == 0,
       "batch_size",
-      f"a multiple of the mesh's {data} data devices",
+      f"a multiple of the mesh's {split} batch shards (data x fsdp)",
       self.train.batch_size,
     )
     kind = self.memory.kind
     _check(
-      kind != "sharded" or data > 1,
+      kind != "sharded" or self.mesh.data > 1,
       "memory",
-      "'sharded' with a mesh of several devices (--mesh > 1)",
+      "'sharded' with a mesh of several data devices (--mesh > 1)",
       kind,
     )
     _check(
-      kind not in ("host", "tiered") or data == 1,
+      kind not in ("host", "tiered") or self.mesh.devices == 1,
       "memory",
       f"one device (no --mesh) for {kind!r}; 'sharded' spreads a table over several devices",
       kind,

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 
 from engram_jax import config, presets, sharding
-from engram_jax.config import MEMORY_KINDS
+from engram_jax.config import MEMORY_KINDS, MeshConfig
 from engram_jax.train import compare, loop
 from experiments import cli
 
@@ -63,7 +63,12 @@ _MEMORY = flags.DEFINE_enum(
   "memory, split over the --mesh devices, or pinned host memory "
   "under a device cache of the hottest rows (tiered).",
 )
-_MESH = flags.DEFINE_integer("mesh", 1, "Devices of the data-parallel mesh (all hosts).")
+_MESH = flags.DEFINE_string(
+  "mesh",
+  "1",
+  "The device mesh over all hosts: a count of data-parallel devices ('8'), or axis=size pairs "
+  "of data, fsdp, tensor, expert ('data=2,fsdp=2,expert=2').",
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "host:port of process 0 for multi-host training."
 )
@@ -85,7 +90,8 @@ def _experiment():
     ("optim.engram_lr_mult", _TABLE_LR),
   )
   overrides = {key: flag.value for key, flag in flagged if flag.value is not None}
-  overrides |= {"memory.kind": _MEMORY.value, "mesh.data": _MESH.value}
+  overrides["memory.kind"] = _MEMORY.value
+  overrides |= {f"mesh.{axis}": size for axis, size in MeshConfig.parse(_MESH.value).shape.items()}
   return config.override(presets.get(_PRESET.value), overrides)
 
 

@@ -54,6 +54,10 @@ _FREE = (
   "config.memory.storage",
   "config.memory.lookup_impl",
   "config.mesh.data",
+  "config.mesh.fsdp",
+  "config.mesh.tensor",
+  "config.mesh.expert",
+  "config.mesh.rules",
   "config.model.moe.dispatch",  # the same outputs to float rounding
   "steps",  # the top-level copy of config.train.steps
   "tokenizer.path",

@@ -71,7 +71,7 @@ def build_trainer(exp: ExperimentConfig, data_cfg: DataConfig, tokens: np.ndarra
   hash_fn, layouts = engram_hashing(model_cfg, probe.tokenizer)
   pipeline = build_pipeline(data_cfg, hash_fn, tokens=tokens)
   backend = backend_lib.backend(exp.memory, sharding_lib.make_mesh(exp.mesh))
-  trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts, backend)
+  trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts, backend, exp.mesh.rules)
   return pipeline, trainer
 
 
@@ -211,7 +211,6 @@ def train(
   t = exp.train
   workdir.mkdir(parents=True, exist_ok=True)
   train_step, eval_step = trainer.jitted()
-  init = jax.jit(lambda key: trainer.init(key, t.batch_size, t.seq_len))
   key = jax.random.key(t.seed)
   ckpt = Checkpointer(workdir / folder.CHECKPOINTS)
   metrics_log = folder.MetricsLog(workdir / folder.METRICS_FILE, enabled=primary)
@@ -244,7 +243,7 @@ def train(
   else:
     if prepared.resume and primary:
       logging.warning("--resume: no checkpoint in %s yet; training from step 0", ckpt.directory)
-    start, state = 0, trainer.place(init(key))
+    start, state = 0, trainer.create_state(key, t.batch_size, t.seq_len)
   if primary:
     metrics_log.cut_back(start)  # records written after the restored checkpoint go
     folder.write_run(workdir, prepared.record, resumed_from=start if prepared.resume else None)

@@ -9,6 +9,7 @@ balancing biases move against the measured expert load (auxiliary-loss-free bala
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.config import MemoryConfig, ModelConfig, OptimConfig
+from engram_jax.config import LOGICAL_RULES, MemoryConfig, ModelConfig, OptimConfig
 from engram_jax.layers.moe import update_expert_bias
 from engram_jax.memory import backends as backend_lib
 from engram_jax.memory.backends import table_key
@@ -59,7 +60,10 @@ class Trainer:
     optim_cfg: the optimizers.
     total_steps: length of training (the schedules depend on it).
     layouts: {layer: TableLayout} of every Engram layer.
-    backend: where the tables live and how they are read (`memory.backend`), on its mesh.
+    backend: where the tables live and how they are read (`memory.backend`), on its mesh
+      (the mesh of the whole state).
+    rules: logical axis name -> mesh axes (`MeshConfig.rules`): how the parameters and the
+      optimizer state split over the mesh.
   """
 
   model_cfg: ModelConfig
@@ -69,6 +73,7 @@ class Trainer:
   backend: backend_lib.Backend = dataclasses.field(
     default_factory=lambda: backend_lib.backend(MemoryConfig())
   )
+  rules: tuple[str, ...] = LOGICAL_RULES
 
   @property
   def model(self) -> EngramLM:
@@ -111,11 +116,34 @@ class Trainer:
       tables=tables,
     )
 
+  def logical_names(self) -> dict:
+    """{"params": ..., "balance": ...}: each variable's logical axis names (a PartitionSpec
+    of names, as the layers declare them; empty for an unnamed leaf)."""
+    return _logical_names(self.model_cfg, tuple(sorted(self.layouts.items())))
+
   def shardings(self, state: TrainState) -> TrainState:
-    """Where every leaf of `state` goes: tables by the backend, the rest replicated."""
-    rep = sharding_lib.replicated(self.backend.mesh)
+    """Where every leaf of `state` goes: the tables by the backend; the parameters by their
+    logical names through `rules`, each optimizer moment like its parameter; the rest
+    replicated (everything, without a mesh)."""
+    mesh = self.backend.mesh
+    rep = sharding_lib.replicated(mesh)
     out = jax.tree.map(lambda _: rep, state.replace(tables={}))
+    if mesh is not None:
+      params = sharding_lib.logical_shardings(
+        self.logical_names()["params"], state.params, mesh, self.rules
+      )
+      opt_state = sharding_lib.follow_params(state.opt_state, state.params, params, mesh)
+      out = out.replace(params=params, opt_state=opt_state)
     return out.replace(tables={k: self.backend.shardings(v) for k, v in state.tables.items()})
+
+  def create_state(self, key: jax.Array, batch_size: int, seq_len: int) -> TrainState:
+    """A fresh state, placed. On a mesh it is built in its shardings (`jit` with
+    `out_shardings` from the abstract state): no device ever holds the whole state."""
+    init = lambda k: self.init(k, batch_size, seq_len)
+    if self.backend.mesh is None:
+      return self.place(jax.jit(init)(key))
+    shardings = self.shardings(jax.eval_shape(init, key))
+    return self.place(jax.jit(init, out_shardings=shardings)(key))
 
   def place(self, state: TrainState) -> TrainState:
     """Moves a state (fresh or restored) to its shardings."""
@@ -212,6 +240,10 @@ class Trainer:
       )
 
     balance = self._rebalance(state.balance, load)
+    if self.backend.mesh is not None:  # the new state keeps the shardings of the old
+      target = self.shardings(state)
+      params = jax.lax.with_sharding_constraint(params, target.params)
+      opt_state = jax.lax.with_sharding_constraint(opt_state, target.opt_state)
     metrics = {
       "loss": loss,
       "lr": lr,
@@ -253,6 +285,19 @@ class Trainer:
   def jitted(self) -> tuple[Callable, Callable]:
     """(train_step with the state donated, eval_step), both jitted."""
     return jax.jit(self.train_step, donate_argnums=0), jax.jit(self.eval_step)
+
+
+@functools.lru_cache(maxsize=16)
+def _logical_names(model_cfg: ModelConfig, layouts: tuple) -> dict:
+  """The logical-name PartitionSpecs of a model's variables, from its abstract init."""
+  t = 4
+  tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  rows = {
+    layer: jax.ShapeDtypeStruct((1, t, lay.num_heads, lay.dim), jnp.float32)
+    for layer, lay in layouts
+  }
+  boxed = jax.eval_shape(EngramLM(model_cfg).init, jax.random.key(0), tokens, rows)
+  return nn.get_partition_spec(boxed)
 
 
 class _ReadOnce:

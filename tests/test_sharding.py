@@ -1,0 +1,150 @@
+"""Tests of engram_jax/sharding.py on 8 simulated devices: the mesh axes, the rules table from
+logical names to mesh axes, and training sharded by it (FSDP, tensor and expert axes) like one
+device, with checkpoints that move between mesh shapes."""
+
+import dataclasses
+import json
+import signal
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from engram_jax import memory, presets, sharding
+from engram_jax.config import LOGICAL_RULES, MemoryConfig, MeshConfig
+from engram_jax.data import read_text
+from engram_jax.data.corpus import default_corpus_path
+from engram_jax.memory.table import TableLayout
+from engram_jax.train import loop
+from engram_jax.train.step import Trainer
+
+MESHES = {
+  "fsdp": MeshConfig(fsdp=4),
+  "tensor": MeshConfig(tensor=2),
+  "expert": MeshConfig(expert=4),
+  "data+fsdp+expert": MeshConfig(data=2, fsdp=2, expert=2),
+}
+
+
+def test_mesh_parsing_and_errors():
+  assert MeshConfig.parse("8") == MeshConfig(data=8)
+  mesh = MeshConfig.parse("data=2, fsdp=2,expert=2")
+  assert mesh.shape == {"data": 2, "fsdp": 2, "tensor": 1, "expert": 2}
+  assert (mesh.devices, mesh.batch_shards) == (8, 4)
+  for bad, why in (
+    ("data=2,model=2", "axis=size pairs"),
+    ("fsdp=two", "axis=size pairs"),
+    ("fsdp=2,fsdp=2", "each axis once"),
+    ("fsdp=0", "an int >= 1"),
+  ):
+    with pytest.raises(ValueError, match=why):
+      MeshConfig.parse(bad)
+  with pytest.raises(ValueError, match=r"mesh\.rules"):
+    MeshConfig(rules=("embed=model",))
+  with pytest.raises(ValueError, match="devices"):
+    sharding.make_mesh(MeshConfig(fsdp=4, tensor=4))  # 16 > the 8 devices jax sees
+
+
+def test_logical_spec_follows_the_rules_and_divisibility():
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  spec = lambda names, shape: sharding.logical_spec(names, shape, mesh, LOGICAL_RULES)
+  assert spec(("embed", "mlp"), (64, 128)) == P("fsdp", "tensor")
+  assert spec(("expert", "embed", "mlp"), (4, 64, 128)) == P(None, "fsdp", "tensor")  # expert=1
+  assert spec(("embed", "mlp"), (63, 128)) == P(None, "tensor")  # 63 does not split in two
+  assert spec(("batch", None), (8, 5)) == P(("data", "fsdp"), None)
+  assert spec(("batch", None), (6, 5)) == P("data", None)  # 6 splits over data, not data x fsdp
+  assert spec(("norm",), (64,)) == P(None)  # a name no rule lists: replicated
+  assert spec((), (3, 3)) == P(None, None)
+
+
+def _tiny(mesh=None, steps=8):
+  exp = presets.tiny()
+  mesh = mesh or MeshConfig()
+  train = dataclasses.replace(exp.train, steps=steps, batch_size=4)
+  return dataclasses.replace(exp, train=train, mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  path = tmp_path_factory.mktemp("corpus") / "small.txt"
+  path.write_text(read_text(default_corpus_path())[:120_000])
+  return path
+
+
+def _losses(workdir):
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _norm(spec) -> tuple:
+  """A PartitionSpec without its trailing unsplit dimensions."""
+  out = tuple(spec)
+  while out and out[-1] is None:
+    out = out[:-1]
+  return out
+
+
+def _run(mesh_cfg, steps=10, b=4, t=16):
+  """Losses of `steps` train steps of the tiny model on synthetic batches, and the state."""
+  exp = _tiny(mesh_cfg)
+  model = dataclasses.replace(exp.model, vocab_size=101)
+  layouts = {
+    layer: TableLayout.from_sizes([211, 223, 227, 229], model.engram.head_dim, 0.02)
+    for layer in model.engram.layer_ids
+  }
+  backend = memory.backend(MemoryConfig(), sharding.make_mesh(mesh_cfg))
+  trainer = Trainer(model, exp.optim, steps, layouts, backend, mesh_cfg.rules)
+  state = trainer.create_state(jax.random.key(0), b, t)
+  specs = [getattr(x.sharding, "spec", P()) for x in jax.tree.leaves(state.params)]
+  step = jax.jit(trainer.train_step, donate_argnums=0)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(steps):
+    tok = rng.integers(0, 101, size=(b, t + 1)).astype(np.int32)
+    hash_ids = {layer: rng.integers(0, 211, size=(b, t, 4)).astype(np.int32) for layer in layouts}
+    batch = {"tokens": tok[:, :-1], "targets": tok[:, 1:], "hash_ids": hash_ids}
+    state, metrics = step(state, trainer.shard_batch(batch))
+    losses.append(float(metrics["loss"]))
+  return losses, specs, state
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  return _run(MeshConfig())[0]
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_sharded_training_matches_one_device(name, one_device):
+  losses, specs, state = _run(MESHES[name])
+  # Built in place: the fresh state's parameters are split over every model axis of the mesh.
+  axes = {a for s in specs for d in s if d for a in (d if isinstance(d, tuple) else (d,))}
+  assert axes == {a for a, n in MESHES[name].shape.items() if n > 1} - {"data"}
+  # After the steps, parameters keep their shardings and the moments are split like them.
+  after = [x.sharding.spec for x in jax.tree.leaves(state.params)]
+  assert [_norm(s) for s in after] == [_norm(s) for s in specs]
+  opt_specs = {_norm(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2}
+  assert opt_specs & ({_norm(s) for s in specs} - {()})
+  np.testing.assert_allclose(losses, one_device, rtol=2e-4)
+
+
+def test_checkpoint_moves_between_mesh_shapes(corpus, tmp_path):
+  def stop_at(n):
+    def hook(step):
+      if step == n:
+        signal.raise_signal(signal.SIGTERM)
+
+    return hook
+
+  kw = dict(corpus_files=(str(corpus),), progress=False)
+  loop.train(_tiny(), tmp_path / "one", **kw)
+  want = _losses(tmp_path / "one")
+  with pytest.raises(loop.Interrupted):  # steps 1-4 on a 2 x 2 x 2 mesh of every model axis
+    mesh = MeshConfig(fsdp=2, tensor=2, expert=2)
+    loop.train(_tiny(mesh), tmp_path, on_step=stop_at(4), **kw)
+  loop.train(_tiny(), tmp_path, resume=True, **kw)  # and onto one device
+  got = _losses(tmp_path)
+  assert sorted(got) == sorted(want)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=2e-4
+  )
