@@ -18,8 +18,8 @@ one Engram layer's table:
 
 The table objects of `memory.create` (`memory.objects`) are a thin stateful wrapper over the
 same backend: they call `fetch`/`apply` (the jitted `lookup`/`update` with the ids placed as
-the kind needs), `numpy_lookup` (the NumPy engine of a CPU client), `fill` (a cache's
-contents), `traffic` (their statistics) and `read_rows`.
+the kind needs, each also saying what it moved, for the statistics), `numpy_lookup` (the NumPy
+engine of a CPU client), `fill` (a cache's contents) and `read_rows`.
 
 The kinds:
 - 'device': one device's memory (replicated over the mesh, if there is one);
@@ -78,12 +78,13 @@ def padded_rows(num_rows: int) -> int:
   return base.padded_rows(num_rows, ROW_ALIGN)
 
 
-def _host_rows(rows_fn: RowsFn, num_rows: int, padded: int, dim: int, dtype) -> np.ndarray:
-  """[Rp, Dh] NumPy rows: `rows_fn`'s R rows, copied piece by piece, then zero rows."""
-  out = np.zeros((padded, dim), dtype)
-  for start in range(0, num_rows, _BUILD_CHUNK_ROWS):
-    stop = min(start + _BUILD_CHUNK_ROWS, num_rows)
-    out[start:stop] = rows_fn(start, stop)
+def _host_rows(rows_fn: RowsFn, num_rows: int, start: int, stop: int, dim: int, dtype):
+  """Rows [start, stop) of the padded table as NumPy [stop - start, Dh]: `rows_fn`'s rows
+  (of the R real ones), copied piece by piece, then zero rows."""
+  out = np.zeros((stop - start, dim), dtype)
+  for a in range(start, min(stop, num_rows), _BUILD_CHUNK_ROWS):
+    b = min(a + _BUILD_CHUNK_ROWS, stop, num_rows)
+    out[a - start : b - start] = rows_fn(a, b)
   return out
 
 
@@ -153,7 +154,7 @@ class Backend:
   def build(self, rows_fn: RowsFn, num_rows: int, dim: int):
     """The placed state of the R rows `rows_fn(start, stop)` returns (NumPy, [stop - start,
     Dh]); what the table objects start from."""
-    rows = _host_rows(rows_fn, num_rows, num_rows, dim, self.dtype)
+    rows = _host_rows(rows_fn, num_rows, 0, num_rows, dim, self.dtype)
     return self.place(jax.jit(self.init)(rows))
 
   def _single(self, memory_kind: str | None = None):
@@ -208,17 +209,22 @@ class Backend:
 
   # ---- what the table objects call, outside jit
 
-  def fetch(self, state, ids) -> tuple[jax.Array, bool]:
-    """The jitted lookup of prepared ids [...] (int32 in [0, R)): ([..., Dh] rows, route)."""
-    rows, route = _jit_lookup(self, state, jnp.asarray(ids))
-    return rows, bool(np.asarray(route).any())
+  def fetch(self, state, ids) -> tuple[jax.Array, dict]:
+    """The jitted lookup of prepared ids [...] (int32 in [0, R)): ([..., Dh] rows, what it
+    moved as `base.Stats` increments). Nothing waits for the lookup unless the statistics
+    need its route."""
+    rows, _ = _jit_lookup(self, state, jnp.asarray(ids))
+    return rows, self._moved(int(np.prod(np.shape(ids))), rows.shape[-1])
 
-  def apply(self, state, ids, grads, lr, adam: OptimConfig):
-    """The jitted update (the state donated): (new state, route)."""
-    state, route = _jit_update(
-      self, state, jnp.asarray(ids), jnp.asarray(grads), jnp.float32(lr), adam
-    )
-    return state, bool(np.asarray(route).any())
+  def apply(self, state, ids, grads, lr, adam: OptimConfig) -> tuple[object, dict]:
+    """The jitted update (the state donated): (new state, what it moved)."""
+    state, _ = _jit_update(self, state, jnp.asarray(ids), jnp.asarray(grads), jnp.float32(lr), adam)
+    return state, {}
+
+  def _moved(self, n: int, dim: int) -> dict:
+    """What a fetch of n ids moved between memories (nothing: the rows stay on the device)."""
+    del n, dim
+    return {}
 
   def numpy_parts(self, state) -> dict | None:
     """Zero-copy NumPy views {"values"[, "scale"]} of the stored table, or None where none
@@ -226,23 +232,19 @@ class Backend:
     view = base.numpy_view(state.table)
     return None if view is None else {"values": view}
 
-  def numpy_lookup(self, state, ids: np.ndarray, buffers, threads, lower=None) -> jax.Array:
-    """The NumPy engine: rows [..., Dh] of prepared ids, gathered on the host by a threaded
-    `take` into a reused buffer and handed to jax (no copy on a CPU client). `lower`: stored
-    parts to read instead of the state's (a disk tier)."""
+  def numpy_lookup(self, state, ids: np.ndarray, buffers, threads, lower=None):
+    """The NumPy engine: ([..., Dh] rows of prepared ids, what moved), gathered on the host by a
+    threaded `take` into a reused buffer and handed to jax (no copy on a CPU client). `lower`:
+    stored parts to read instead of the state's (a disk tier)."""
     parts = lower or self.numpy_parts(jax.block_until_ready(state))
     target = self.device or jax.devices()[0]
     values = base.host_fetch(parts["values"], ids, buffers, target, threads)
+    moved = self._moved(ids.size, values.shape[-1])
     if "scale" not in parts:
-      return values if values.dtype == self.dtype else values.astype(self.dtype)
+      return (values if values.dtype == self.dtype else values.astype(self.dtype)), moved
     scale = base.host_fetch(parts["scale"], ids, buffers, target, threads=1)
-    return _jit_decode({"values": values, "scale": scale}, storage="int8", dtype=self.dtype)
-
-  def traffic(self, state, flat_ids: np.ndarray, route: bool, what: str) -> dict:
-    """What a fetch ('fetch'), an update ('update') or a cache fill ('fill') of `flat_ids`
-    [N] moved, as `base.Stats` increments."""
-    del state, flat_ids, route, what
-    return {}
+    rows = _jit_decode({"values": values, "scale": scale}, storage="int8", dtype=self.dtype)
+    return rows, moved
 
   def read_rows(self, state, lower=None) -> np.ndarray:
     """The whole stored table [Rp, Dh], decoded to `dtype`, as NumPy."""
@@ -282,7 +284,7 @@ class HostBackend(Backend):
     return host.HostState(parts["values"], parts.get("scale"), opt)
 
   def build(self, rows_fn, num_rows, dim):
-    rows = _host_rows(rows_fn, num_rows, self.padded_rows(num_rows), dim, self.dtype)
+    rows = _host_rows(rows_fn, num_rows, 0, self.padded_rows(num_rows), dim, self.dtype)
     return self._place_lower(host.init(rows, self.device, self.storage, self.trainable))
 
   def _table_sharding(self):
@@ -331,16 +333,16 @@ class HostBackend(Backend):
       parts["scale"] = base.numpy_view(state.scale)
     return None if any(v is None for v in parts.values()) else parts
 
-  def traffic(self, state, flat_ids, route, what):
-    if what != "fetch":
-      return {}
-    return {"bytes_to_device": flat_ids.shape[0] * self.row_bytes(state.table.shape[1])}
+  def _moved(self, n, dim):
+    return {"bytes_to_device": n * self.row_bytes(dim)}  # every fetched row crossed
 
   def read_rows(self, state, lower=None):
-    parts = {"values": np.asarray(state.table)}
-    if state.scale is not None:
-      parts["scale"] = np.asarray(state.scale)
-    return storage_lib.decode(parts, self.storage, self.dtype)
+    parts = lower
+    if parts is None:
+      parts = {"values": np.asarray(state.table)}
+      if state.scale is not None:
+        parts["scale"] = np.asarray(state.scale)
+    return storage_lib.decode_table(parts, self.storage, self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +380,7 @@ class ShardedBackend(Backend):
     padded = self.padded_rows(num_rows)
 
     # Rows [start, stop) of the padded table; each device builds only its own shard.
-    piece = lambda start, stop: _padded_piece(rows_fn, num_rows, start, stop, dim, self.dtype)
+    piece = lambda start, stop: _host_rows(rows_fn, num_rows, start, stop, dim, self.dtype)
     return sharded.init(piece, self._spec(padded), dim, jnp.dtype(self.dtype), self.trainable)
 
   def _table_sharding(self):
@@ -408,7 +410,7 @@ class ShardedBackend(Backend):
     with jax.set_mesh(self.mesh):
       ids_dev = jax.device_put(padded, spec.ids_sharding())
       rows, route = _jit_sharded_fetch(self, state, ids_dev, tuple(np.shape(ids)))
-    return rows, bool(np.asarray(route))
+    return rows, self._exchanged(state, padded.shape[0], route, update=False)
 
   def apply(self, state, ids, grads, lr, adam):
     padded = self._pad(ids)
@@ -425,34 +427,22 @@ class ShardedBackend(Backend):
         jnp.float32(lr),
         adam,
       )
-    return state, bool(np.asarray(route))
+    return state, self._exchanged(state, padded.shape[0], route, update=True)
 
   def numpy_parts(self, state):
     return None
 
-  def traffic(self, state, flat_ids, route, what):
-    if what == "fill":
-      return {}
-    n_padded = self._pad(flat_ids).shape[0]
+  def _exchanged(self, state, n_padded: int, route, update: bool) -> dict:
+    """Bytes all devices sent for n_padded ids on the route that ran (waits for it)."""
     spec = self._spec(state.table.shape[0])
-    itemsize = 4 if what == "update" else jnp.dtype(self.dtype).itemsize
     per_device = spec.exchange_bytes(
       n_padded // self.shards,
       state.table.shape[1],
-      itemsize,
-      "all_gather" if route else "all_to_all",
-      what == "update",
+      4 if update else jnp.dtype(self.dtype).itemsize,
+      "all_gather" if bool(np.asarray(route)) else "all_to_all",
+      update,
     )
     return {"bytes_exchanged": per_device * self.shards}
-
-
-def _padded_piece(rows_fn, num_rows, start, stop, dim, dtype) -> np.ndarray:
-  """Rows [start, stop) of the padded table: the real ones from `rows_fn`, then zeros."""
-  out = np.zeros((stop - start, dim), dtype)
-  real = min(stop, num_rows)
-  if real > start:
-    out[: real - start] = rows_fn(start, real)
-  return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -555,8 +545,7 @@ class TieredBackend(HostBackend):
     ids[: row_ids.shape[0]] = np.sort(row_ids)
     if lower is not None:
       clamped = np.minimum(ids, lower["values"].shape[0] - 1)  # empty slots read any row
-      got = {k: base.gather_rows(v, clamped) for k, v in lower.items()}
-      cached = jnp.asarray(storage_lib.decode(got, self.storage, self.dtype))  # [L, Dh]
+      cached = jnp.asarray(self._gather_decoded(lower, clamped))  # [L, Dh]
     else:
       # [L, Dh]; empty slots read a clamped row that no id hits
       cached = host.jit_lookup(state.lower, jnp.asarray(ids), dtype=jnp.dtype(self.dtype))
@@ -564,6 +553,23 @@ class TieredBackend(HostBackend):
 
   def numpy_parts(self, state):
     return None if state.lower is None else super().numpy_parts(state.lower)
+
+  def _gather_decoded(self, parts: dict, ids: np.ndarray) -> np.ndarray:
+    """[U] ids -> [U, Dh] rows of stored NumPy parts, gathered and decoded."""
+    got = {k: base.gather_rows(v, ids) for k, v in parts.items()}
+    return storage_lib.decode(got, self.storage, self.dtype)
+
+  def _hits(self, n: int, hit: np.ndarray, moved: int, dim: int) -> dict:
+    hits = int(hit.sum())
+    return {"hits": hits, "misses": n - hits, "bytes_to_device": moved * self.row_bytes(dim)}
+
+  def fetch(self, state, ids):
+    rows, overflow = _jit_lookup(self, state, jnp.asarray(ids))
+    flat = np.asarray(ids).reshape(-1)  # [...] -> [N]
+    _, hit = _probe(np.asarray(state.cached_ids), flat)
+    # The distinct misses crossed, or every id where there were more than the capacity.
+    moved = flat.shape[0] if bool(np.asarray(overflow)) else np.unique(flat[~hit]).shape[0]
+    return rows, self._hits(flat.shape[0], hit, moved, rows.shape[-1])
 
   def numpy_lookup(self, state, ids, buffers, threads, lower=None):
     """Hits from the cache, the distinct misses from the tier below, gathered by NumPy."""
@@ -573,8 +579,8 @@ class TieredBackend(HostBackend):
     pos, hit = _probe(np.asarray(state.cached_ids), flat)
     miss = np.flatnonzero(~hit)  # [Nm]
     unique, src = np.unique(flat[miss], return_inverse=True)  # [U], [Nm]
-    got = {k: base.gather_rows(v, unique) for k, v in parts.items()}
-    miss_rows = storage_lib.decode(got, self.storage, self.dtype)  # [U, Dh]
+    miss_rows = self._gather_decoded(parts, unique)  # [U, Dh]
+    moved = self._hits(n, hit, unique.shape[0], dh)
     target = self.device or jax.devices()[0]
     cache_view = base.numpy_view(jax.block_until_ready(state.cache))
     if cache_view is not None:
@@ -583,30 +589,13 @@ class TieredBackend(HostBackend):
       flat_out = out.reshape(n, dh)  # [..., Dh] -> [N, Dh] view
       base.gather_rows(cache_view, np.where(hit, pos, 0), flat_out, threads)
       flat_out[miss] = miss_rows[src]
-      return base.to_device(out, target)
+      return base.to_device(out, target), moved
     # Only the distinct missed rows cross (Zipfian ids repeat within a batch).
     rows = tiered.combine(state.cache, pos, hit, miss, miss_rows, src, target)  # [N, Dh]
-    return rows.reshape(*np.shape(ids), dh)  # [N, Dh] -> [..., Dh]
-
-  def traffic(self, state, flat_ids, route, what):
-    dh = state.cache.shape[1]
-    if what == "fill":
-      return {"bytes_to_device": state.cache.shape[0] * self.row_bytes(dh)}
-    if what == "update":
-      return {}
-    _, hit = _probe(np.asarray(state.cached_ids), flat_ids)
-    hits = int(hit.sum())
-    moved = flat_ids.shape[0] if route else np.unique(flat_ids[~hit]).shape[0]
-    return {
-      "hits": hits,
-      "misses": flat_ids.shape[0] - hits,
-      "bytes_to_device": moved * self.row_bytes(dh),
-    }
+    return rows.reshape(*np.shape(ids), dh), moved  # [N, Dh] -> [..., Dh]
 
   def read_rows(self, state, lower=None):
-    if lower is not None:
-      return storage_lib.decode_table(lower, self.storage, self.dtype)
-    return super().read_rows(state.lower)
+    return super().read_rows(state.lower, lower)
 
 
 def _probe(cached_ids: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

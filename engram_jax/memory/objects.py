@@ -9,7 +9,7 @@ or a benchmark wants around the pure functions, the same for every kind:
   rows, handed to jax without a copy; CPU clients, where it is several times faster than
   XLA's gather); 'auto' picks numpy where the views exist;
 - `prefetch` on a background thread; `apply_gradients` (the backend's jitted `update`, the
-  state donated); `calibrate`; statistics (`base.Stats`) from the backend's `traffic`;
+  state donated); `calibrate`; statistics (`base.Stats`) from what those calls report moved;
 - for a backend with a device cache ('tiered'): the cache policies 'static' (filled by
   `calibrate` only), 'lfu' (online counts, aged by halving, refilled every `refresh_every`
   fetches) and 'lru' (the rows used last), and the read-only disk tier (`disk=`, a directory
@@ -136,12 +136,14 @@ class Table(base.MemoryTable):
     self._pending: list[Future] = []
     self.policy = policy if cls.has_cache else None
     self.refresh_every, self.count_sample = refresh_every, count_sample
-    # Access counts ('lfu', 'static'), or for 'lru' the number of the last access of each row.
-    self._counts = np.zeros((num_rows,), np.uint64 if policy == "lru" else np.uint32)
     self._since_refresh = 0
     self._clock = 0  # accesses seen ('lru')
-    # The cached row ids, kept on the host (a jitted step may donate the state's copy).
-    self._cached = np.asarray(self.state.cached_ids) if self.policy is not None else None
+    self._counts = self._cached = None
+    if self.policy is not None:
+      # Access counts ('lfu', 'static'), or for 'lru' the number of each row's last access.
+      self._counts = np.zeros((num_rows,), np.uint64 if policy == "lru" else np.uint32)
+      # The cached row ids, kept on the host (a jitted step may donate the state's copy).
+      self._cached = np.asarray(self.state.cached_ids)
 
   def _cache_size(self, cache_rows, cache_fraction) -> int:
     if (cache_rows is None) == (cache_fraction is None):
@@ -176,18 +178,15 @@ class Table(base.MemoryTable):
     """`fetch` of ids already prepared (int32 in [0, R))."""
     with self._lock:
       if self.engine == "numpy":
-        host_ids = np.asarray(ids)
-        rows = self.backend.numpy_lookup(
-          self.state, host_ids, self._buffers, self._threads, self._lower
+        rows, moved = self.backend.numpy_lookup(
+          self.state, np.asarray(ids), self._buffers, self._threads, self._lower
         )
-        route = False
       else:
-        rows, route = self.backend.fetch(self.state, ids)
-      flat = np.asarray(ids).reshape(-1)  # [...] -> [N]
-      self._count_fetch(flat.shape[0])
-      self._count(self.backend.traffic(self.state, flat, route, "fetch"))
+        rows, moved = self.backend.fetch(self.state, ids)
+      self._count_fetch(int(np.prod(np.shape(ids))))
+      self._count(moved)
       if self.policy is not None:
-        self._observe(flat)
+        self._observe(np.asarray(ids).reshape(-1))  # [...] -> [N]
     return rows
 
   def prefetch(self, ids) -> Future:
@@ -216,10 +215,9 @@ class Table(base.MemoryTable):
       future.result()
     self._pending = []
     with self._lock:
-      self.state, route = self.backend.apply(self.state, ids, grads, lr, optim_cfg)
-      flat = np.asarray(ids).reshape(-1)
-      self._count(self.backend.traffic(self.state, flat, route, "update"))
-      self._count_update(flat.shape[0])
+      self.state, moved = self.backend.apply(self.state, ids, grads, lr, optim_cfg)
+      self._count(moved)
+      self._count_update(int(np.prod(np.shape(ids))))
 
   def set_state(self, state) -> None:
     """Takes back a state the pure functions returned (same structure; a cache must hold the
@@ -252,7 +250,8 @@ class Table(base.MemoryTable):
     hot = tiered.hottest_rows(self._counts, self.state.cache.shape[0])
     self.state = self.backend.fill(self.state, hot, self._lower)
     self._cached = np.asarray(self.state.cached_ids)
-    self._count(self.backend.traffic(self.state, hot, False, "fill"))
+    cache_rows = self._cached.shape[0]
+    self._count({"bytes_to_device": cache_rows * self.backend.row_bytes(self.dim)})
 
   def _stamp(self, flat: np.ndarray) -> None:
     """LRU: numbers the accesses of `flat` [N] in order and records each row's last one."""

@@ -18,7 +18,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 
 from engram_jax import sharding as sharding_lib
@@ -103,5 +102,5 @@ def memory_report(exp: ExperimentConfig) -> dict:
     "largest_replicated": largest[0],
     "platform": jax.devices()[0].platform,
     "jax": jax.__version__,
-    "params_split": int(np.sum([not _replicated(x) for x in jax.tree.leaves(state.params)])),
+    "params_split": sum(not _replicated(x) for x in jax.tree.leaves(state.params)),
   }

@@ -142,7 +142,8 @@ class Trainer:
     init = lambda k: self.init(k, batch_size, seq_len)
     if self.backend.mesh is None:
       return self.place(jax.jit(init)(key))
-    shardings = self.shardings(jax.eval_shape(init, key))
+    abstract = self.abstract_state(batch_size, seq_len)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
     return self.place(jax.jit(init, out_shardings=shardings)(key))
 
   def place(self, state: TrainState) -> TrainState:
