@@ -32,7 +32,8 @@ Shapes: R table rows, Dh row width, N fetched ids.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ from jax.experimental import compute_on as _compute_on
 from jax.sharding import SingleDeviceSharding
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base
+from engram_jax.memory import base, contract
 from engram_jax.memory import storage as storage_lib
+from engram_jax.memory.base import TableState
 from engram_jax.memory.optimizer import TableOptState, dedup, sparse_adam_update
 
 HOST = jax.memory.Space.Host
@@ -171,3 +173,90 @@ def update(state: HostState, ids, grads, lr, cfg: OptimConfig) -> HostState:
 
 
 jit_lookup = jax.jit(lookup, static_argnames="dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBackend(contract.Backend):
+  """Pinned host memory: state `HostState(table, scale, opt)`."""
+
+  kind: ClassVar[str] = "host"
+  has_storage: ClassVar[bool] = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.mesh is not None:
+      raise ValueError(
+        f"memory={self.kind!r}: expected one device (no --mesh); use 'sharded' to spread a "
+        "table over several devices"
+      )
+    storage_lib.check_storage(self.storage)
+    if self.trainable and self.storage == "int8":
+      raise ValueError("storage='int8' is read-only: train with 'float32' or 'bfloat16' rows")
+
+  def init(self, rows):
+    r = rows.shape[0]
+    rows = jnp.pad(rows.astype(self.dtype), ((0, self.padded_rows(r) - r), (0, 0)))  # [Rp, Dh]
+    parts = storage_lib.encode(rows, self.storage)
+    opt = base.init_state(parts["values"]).opt if self.trainable else None
+    return HostState(parts["values"], parts.get("scale"), opt)
+
+  def build(self, rows_fn, num_rows, dim):
+    rows = contract.host_rows(rows_fn, num_rows, 0, self.padded_rows(num_rows), dim, self.dtype)
+    return self._place_lower(init(rows, self.device, self.storage, self.trainable))
+
+  def _table_sharding(self):
+    return self._single(PINNED_HOST)
+
+  def _lower_shardings(self, state: HostState) -> HostState:
+    t = self._table_sharding()
+    opt = None
+    if state.opt is not None:
+      opt = state.opt._replace(mu=t, nu=t, count=self._single())
+    return HostState(t, None if state.scale is None else t, opt)
+
+  def _place_lower(self, state: HostState) -> HostState:
+    placed = jax.tree.map(jax.device_put, state, self._lower_shardings(state))
+    # An array restored into a pinned_host sharding can still carry a device memory space in
+    # its aval; an explicit put to the host space fixes what jit sees.
+    put = lambda x: None if x is None else jax.device_put(x, jax.memory.Space.Host)
+    opt = placed.opt
+    if opt is not None:
+      opt = opt._replace(mu=put(opt.mu), nu=put(opt.nu))
+    return HostState(put(placed.table), put(placed.scale), opt)
+
+  def shardings(self, state):
+    return self._lower_shardings(state)
+
+  def place(self, state):
+    return self._place_lower(state)
+
+  def lookup_with_route(self, state, row_ids):
+    return lookup(state, row_ids, jnp.dtype(self.dtype)), jnp.zeros((), bool)
+
+  def update_with_route(self, state, row_ids, row_grads, lr, adam):
+    return update(state, row_ids, row_grads, lr, adam), jnp.zeros((), bool)
+
+  def persistent(self, state) -> TableState:
+    if state.scale is not None:
+      raise ValueError("persistent: an int8 table is a serving copy; checkpoints hold float32")
+    return TableState(state.table, state.opt)
+
+  def from_persistent(self, persistent: TableState):
+    return HostState(persistent.table, None, persistent.opt)
+
+  def numpy_parts(self, state):
+    parts = {"values": base.numpy_view(state.table)}
+    if state.scale is not None:
+      parts["scale"] = base.numpy_view(state.scale)
+    return None if any(v is None for v in parts.values()) else parts
+
+  def _moved(self, n, dim):
+    return {"bytes_to_device": n * self.row_bytes(dim)}  # every fetched row crossed
+
+  def read_rows(self, state, lower=None):
+    parts = lower
+    if parts is None:
+      parts = {"values": np.asarray(state.table)}
+      if state.scale is not None:
+        parts["scale"] = np.asarray(state.scale)
+    return storage_lib.decode_table(parts, self.storage, self.dtype)
