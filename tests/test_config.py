@@ -70,7 +70,7 @@ def test_paper_engram_layer_builds_without_allocating():
   [
     ({"train.seq_len": 2}, "seq_len: expected at least the n-gram order"),
     ({"train.steps": 0}, "steps: expected an int >= 1"),
-    ({"memory.kind": "sharded"}, "'sharded' with a mesh of several data devices"),
+    ({"memory.kind": "sharded"}, "'sharded' with several devices on the mesh's table axes"),
     ({"memory.kind": "host", "mesh.data": 2}, "one device (no --mesh) for 'host'"),
     ({"memory.kind": "disk"}, "memory: expected one of"),
     ({"mesh.data": 3}, "batch_size: expected a multiple of the mesh's 3 batch shards"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engram_jax import memory, sharding
-from engram_jax.config import MemoryConfig, OptimConfig
+from engram_jax.config import MemoryConfig, MeshConfig, OptimConfig
 from engram_jax.memory import backends, base
 
 R, DH = 300, 8
@@ -52,7 +52,10 @@ def test_sharded_object_is_the_training_backend_on_its_mesh():
   mesh = sharding.make_mesh(8)
   rows = base.init_rows(R, DH, 2)
   table = memory.create("sharded", num_rows=R, dim=DH, rows=rows, mesh=mesh)
-  assert table.backend == backends.backend(MemoryConfig(kind="sharded"), mesh)
+  training = backends.backend(
+    MemoryConfig(kind="sharded"), mesh, table_axes=MeshConfig().table_axes
+  )
+  assert table.backend.axis == training.axis == "data"  # split the same way
   assert table.state.table.shape == (backends.padded_rows(R), DH)  # training's padding
   ids = np.random.default_rng(2).integers(0, R, (8, 3)).astype(np.int32)
   np.testing.assert_array_equal(table.fetch(ids), rows[ids])

@@ -85,7 +85,7 @@ def _norm(spec) -> tuple:
   return out
 
 
-def _run(mesh_cfg, steps=10, b=4, t=16):
+def _run(mesh_cfg, steps=10, b=4, t=16, kind="device"):
   """Losses of `steps` train steps of the tiny model on synthetic batches, and the state."""
   exp = _tiny(mesh_cfg)
   model = dataclasses.replace(exp.model, vocab_size=101)
@@ -93,7 +93,8 @@ def _run(mesh_cfg, steps=10, b=4, t=16):
     layer: TableLayout.from_sizes([211, 223, 227, 229], model.engram.head_dim, 0.02)
     for layer in model.engram.layer_ids
   }
-  backend = memory.backend(MemoryConfig(), sharding.make_mesh(mesh_cfg))
+  mesh = sharding.make_mesh(mesh_cfg)
+  backend = memory.backend(MemoryConfig(kind=kind), mesh, table_axes=mesh_cfg.table_axes)
   trainer = Trainer(model, exp.optim, steps, layouts, backend, mesh_cfg.rules)
   state = trainer.create_state(jax.random.key(0), b, t)
   specs = [getattr(x.sharding, "spec", P()) for x in jax.tree.leaves(state.params)]
@@ -126,6 +127,16 @@ def test_sharded_training_matches_one_device(name, one_device):
   opt_specs = {_norm(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2}
   assert opt_specs & ({_norm(s) for s in specs} - {()})
   np.testing.assert_allclose(losses, one_device, rtol=2e-4)
+
+
+def test_sharded_tables_spread_over_every_axis_by_default(one_device):
+  losses, _, state = _run(MeshConfig(fsdp=2, expert=2), kind="sharded")
+  table = state.tables["layer_1"].table
+  assert _norm(table.sharding.spec) == (("fsdp", "expert"),)  # 1 / 4 of the rows per device
+  assert table.addressable_shards[0].data.shape[0] == table.shape[0] // 4
+  np.testing.assert_allclose(losses, one_device, rtol=2e-4)
+  with pytest.raises(ValueError, match="table_axes"):
+    MeshConfig(table_axes=("rows",))
 
 
 def test_checkpoint_moves_between_mesh_shapes(corpus, tmp_path):

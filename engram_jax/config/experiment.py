@@ -194,6 +194,8 @@ class MeshConfig:
     tensor: tensor parallelism of attention heads, MLP widths and the vocabulary.
     expert: expert parallelism of the routed experts' weights.
     rules: logical name -> mesh axes (`LOGICAL_RULES`, the one table of them).
+    table_axes: the axes a 'sharded' Engram table's rows are split over (default: all, so
+      every device holds 1 / devices of each table).
   """
 
   data: int = 1
@@ -201,6 +203,7 @@ class MeshConfig:
   tensor: int = 1
   expert: int = 1
   rules: tuple[str, ...] = LOGICAL_RULES
+  table_axes: tuple[str, ...] = MESH_AXES
 
   def __post_init__(self):
     for axis in MESH_AXES:
@@ -208,6 +211,13 @@ class MeshConfig:
       _check(isinstance(size, int) and size >= 1, f"mesh {axis}", "an int >= 1", size)
     object.__setattr__(self, "rules", tuple(self.rules))
     parse_rules(self.rules)
+    object.__setattr__(self, "table_axes", tuple(self.table_axes))
+    _check(
+      bool(self.table_axes) and set(self.table_axes) <= set(MESH_AXES),
+      "mesh.table_axes",
+      f"some of {MESH_AXES}",
+      self.table_axes,
+    )
 
   @property
   def shape(self) -> dict[str, int]:
@@ -217,6 +227,11 @@ class MeshConfig:
   @property
   def devices(self) -> int:
     return math.prod(self.shape.values())
+
+  @property
+  def table_shards(self) -> int:
+    """How many parts a 'sharded' table is split into."""
+    return math.prod(getattr(self, a) for a in self.table_axes)
 
   @property
   def batch_shards(self) -> int:
@@ -275,11 +290,18 @@ class ExperimentConfig:
       self.train.batch_size,
     )
     kind = self.memory.kind
+    tables = self.mesh.table_shards
     _check(
-      kind != "sharded" or self.mesh.data > 1,
+      kind != "sharded" or tables > 1,
       "memory",
-      "'sharded' with a mesh of several data devices (--mesh > 1)",
+      "'sharded' with several devices on the mesh's table axes (--mesh > 1)",
       kind,
+    )
+    _check(
+      kind != "sharded" or (self.train.batch_size * self.train.seq_len) % tables == 0,
+      "batch_size x seq_len",
+      f"a multiple of the {tables} shards of a 'sharded' table",
+      self.train.batch_size * self.train.seq_len,
     )
     _check(
       kind not in ("host", "tiered") or self.mesh.devices == 1,

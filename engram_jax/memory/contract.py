@@ -109,6 +109,8 @@ class Backend:
       stores it otherwise on the host).
     trainable: False keeps no moments (serving).
     device: the device that holds a state without a mesh (default: the first).
+    table_axes: the mesh axes a backend that splits the table spreads it over (None: every
+      axis of the mesh); the others ignore it.
   """
 
   kind: ClassVar[str] = "device"
@@ -122,6 +124,7 @@ class Backend:
   dtype: str = "float32"
   trainable: bool = True
   device: jax.Device | None = None
+  table_axes: tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.memory.kind != self.kind:

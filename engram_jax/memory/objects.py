@@ -79,7 +79,7 @@ class Table(base.MemoryTable):
     threads: int | None = None,
     implementation: str = "auto",
     storage: str | None = None,
-    axis: str | None = None,
+    axis: str | tuple[str, ...] | None = None,
     slack: float = 2.0,
     route: str = "all_to_all",
     cache_rows: int | None = None,
@@ -108,7 +108,8 @@ class Table(base.MemoryTable):
     if cls is backends.ShardedBackend:
       if mesh is None:
         mesh = jax.make_mesh((jax.device_count(),), ("table",), axis_types=(AxisType.Auto,))
-      fields |= {"axis": axis or mesh.axis_names[0], "slack": slack, "route": route}
+      axes = (axis,) if isinstance(axis, str) else tuple(axis or mesh.axis_names[:1])
+      fields |= {"table_axes": axes, "slack": slack, "route": route}
       del fields["device"]
     if cls.has_cache:
       fields["cache_rows"] = self._cache_size(cache_rows, cache_fraction)

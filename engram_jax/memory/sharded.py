@@ -46,7 +46,6 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from engram_jax import sharding as sharding_lib
 from engram_jax.config import OptimConfig
 from engram_jax.memory import base, contract
 from engram_jax.memory.optimizer import (
@@ -66,29 +65,34 @@ class ShardSpec:
 
   Attributes:
     mesh: the device mesh.
-    axis: the mesh axis the rows (and the ids) are split over.
+    axis: the mesh axis the rows (and the ids) are split over, or a tuple of axes (the shards
+      are then numbered row-major over them, as `PartitionSpec((a, b))` splits an array).
     num_rows: R, the table's rows before padding.
     slack: bucket capacity relative to an even split of a device's ids over the owners.
     route: 'all_to_all' (with the overflow path) or 'all_gather' (the overflow path always).
   """
 
   mesh: Mesh
-  axis: str
+  axis: str | tuple[str, ...]
   num_rows: int
   slack: float = 2.0
   route: str = "all_to_all"
 
   def __post_init__(self):
-    if self.axis not in self.mesh.axis_names:
-      raise ValueError(f"axis: expected one of {self.mesh.axis_names}, got {self.axis!r}")
+    if not set(self.axes) <= set(self.mesh.axis_names) or not self.axes:
+      raise ValueError(f"axis: expected axes of {self.mesh.axis_names}, got {self.axis!r}")
     if self.slack <= 0:
       raise ValueError(f"slack: expected a positive factor, got {self.slack}")
     if self.route not in ROUTES:
       raise ValueError(f"route: expected one of {ROUTES}, got {self.route!r}")
 
   @property
+  def axes(self) -> tuple[str, ...]:
+    return self.axis if isinstance(self.axis, tuple) else (self.axis,)
+
+  @property
   def shards(self) -> int:
-    return self.mesh.shape[self.axis]
+    return math.prod(self.mesh.shape[a] for a in self.axes)
 
   @property
   def rows_per_shard(self) -> int:
@@ -218,7 +222,8 @@ def _local_update(table, opt, ids, grads, lr, cfg, spec: ShardSpec):
 def constrain(x, spec: ShardSpec, partition: P):
   """Shards x as `partition` (`reshard` on an explicit mesh axis, a constraint otherwise)."""
   sharding = NamedSharding(spec.mesh, partition)
-  if spec.mesh.axis_types[spec.mesh.axis_names.index(spec.axis)] == AxisType.Explicit:
+  types = [spec.mesh.axis_types[spec.mesh.axis_names.index(a)] for a in spec.axes]
+  if AxisType.Explicit in types:
     return jax.reshard(x, sharding)
   return lax.with_sharding_constraint(x, sharding)
 
@@ -239,7 +244,9 @@ def lookup_with_route(state: base.TableState, ids, spec: ShardSpec):
   rows, overflow = mapped(state.table, _flat(ids, spec))
   # [N, Dh] -> [..., Dh], split over the axis along the leading axis like the ids.
   rows = rows.reshape(*jnp.shape(ids), state.table.shape[1])
-  return constrain(rows, spec, P(spec.axis)), overflow
+  if jnp.ndim(ids) and jnp.shape(ids)[0] % spec.shards == 0:
+    rows = constrain(rows, spec, P(spec.axis))
+  return rows, overflow
 
 
 def lookup(state: base.TableState, ids, spec: ShardSpec) -> jax.Array:
@@ -318,16 +325,15 @@ def init(rows_fn, spec: ShardSpec, dim: int, dtype, trainable: bool = True) -> b
 
 @dataclasses.dataclass(frozen=True)
 class ShardedBackend(contract.Backend):
-  """Rows split over one mesh axis (`ShardSpec`).
+  """Rows split over mesh axes (`ShardSpec`): `table_axes` (default every axis of the mesh),
+  of which those of size > 1.
 
   Attributes:
-    axis: the mesh axis (default: 'data', the training mesh's axis).
     slack: bucket capacity factor of the all-to-all route.
     route: 'all_to_all' (with the overflow path) or 'all_gather'.
   """
 
   kind: ClassVar[str] = "sharded"
-  axis: str = sharding_lib.DATA_AXIS
   slack: float = 2.0
   route: str = "all_to_all"
 
@@ -335,11 +341,20 @@ class ShardedBackend(contract.Backend):
     super().__post_init__()
     if self.mesh is None:
       raise ValueError("memory='sharded': expected a mesh of several devices (--mesh > 1)")
+    if not set(self.table_axes or ()) <= set(self.mesh.axis_names):
+      raise ValueError(f"axis: expected axes of {self.mesh.axis_names}, got {self.table_axes}")
     ShardSpec(self.mesh, self.axis, contract.ROW_ALIGN, self.slack, self.route)  # validates
 
   @property
+  def axis(self) -> str | tuple[str, ...]:
+    """The mesh axes the rows are split over (one name when there is one)."""
+    names = self.table_axes or self.mesh.axis_names
+    axes = tuple(a for a in names if self.mesh.shape[a] > 1) or tuple(names[:1])
+    return axes[0] if len(axes) == 1 else axes
+
+  @property
   def shards(self) -> int:
-    return self.mesh.shape[self.axis]
+    return self._spec(contract.ROW_ALIGN).shards
 
   def padded_rows(self, num_rows):
     return base.padded_rows(num_rows, math.lcm(contract.ROW_ALIGN, self.shards))

@@ -58,6 +58,7 @@ _FREE = (
   "config.mesh.tensor",
   "config.mesh.expert",
   "config.mesh.rules",
+  "config.mesh.table_axes",
   "config.model.moe.dispatch",  # the same outputs to float rounding
   "steps",  # the top-level copy of config.train.steps
   "tokenizer.path",

@@ -64,7 +64,7 @@ def memory_report(exp: ExperimentConfig) -> dict:
     ValueError: a mesh with more devices than jax sees.
   """
   mesh = sharding_lib.make_mesh(exp.mesh)
-  backend = backend_lib.backend(exp.memory, mesh)
+  backend = backend_lib.backend(exp.memory, mesh, table_axes=exp.mesh.table_axes)
   trainer = Trainer(exp.model, exp.optim, exp.train.steps, layouts_of(exp), backend, exp.mesh.rules)
   b, t = exp.train.batch_size, exp.train.seq_len
   state = trainer.abstract_state(b, t)

@@ -70,7 +70,8 @@ def build_trainer(exp: ExperimentConfig, data_cfg: DataConfig, tokens: np.ndarra
   model_cfg = dataclasses.replace(exp.model, vocab_size=probe.vocab_size)
   hash_fn, layouts = engram_hashing(model_cfg, probe.tokenizer)
   pipeline = build_pipeline(data_cfg, hash_fn, tokens=tokens)
-  backend = backend_lib.backend(exp.memory, sharding_lib.make_mesh(exp.mesh))
+  mesh = sharding_lib.make_mesh(exp.mesh)
+  backend = backend_lib.backend(exp.memory, mesh, table_axes=exp.mesh.table_axes)
   trainer = Trainer(model_cfg, exp.optim, exp.train.steps, layouts, backend, exp.mesh.rules)
   return pipeline, trainer
 
