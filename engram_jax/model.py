@@ -160,6 +160,18 @@ class Block(nn.Module):
     return h, load, BlockCache(kv, conv)
 
 
+def _rematerialised(policy: str) -> type[Block]:
+  """`Block`, or `Block` under `nn.remat` with the policy of `ModelConfig.remat` (the
+  parameters keep their names: a checkpoint serves every policy)."""
+  if policy == "none":
+    return Block
+  policies = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  return nn.remat(Block, policy=policies[policy])
+
+
 class EngramLM(nn.Module):
   """Decoder-only language model with optional Engram memory, mHC and DeepSeekMoE.
 
@@ -218,8 +230,9 @@ class EngramLM(nn.Module):
     x = jnp.take(embed, tokens, axis=0)  # [B, T] -> [B, T, D]
     h = expand_streams(x, cfg.streams)  # [B, T, D] -> [B, T, M, D]
     loads, new_cache = [], []
+    block_cls = _rematerialised(cfg.remat)
     for i in range(cfg.num_layers):
-      block = Block(cfg, i, name=f"block_{i}")
+      block = block_cls(cfg, i, name=f"block_{i}")
       if cache is None:
         h, load = block(h, rows.get(i))
       else:

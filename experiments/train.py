@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 
 from engram_jax import config, presets, sharding
-from engram_jax.config import MEMORY_KINDS, MeshConfig
+from engram_jax.config import MEMORY_KINDS, REMAT_POLICIES, MeshConfig
 from engram_jax.train import compare, loop
 from experiments import cli
 
@@ -69,6 +69,13 @@ _MESH = flags.DEFINE_string(
   "The device mesh over all hosts: a count of data-parallel devices ('8'), or axis=size pairs "
   "of data, fsdp, tensor, expert ('data=2,fsdp=2,expert=2').",
 )
+_REMAT = flags.DEFINE_enum(
+  "remat",
+  None,
+  list(REMAT_POLICIES),
+  "Rematerialisation of each block: 'full' recomputes its forward in the backward pass, "
+  "'dots_saveable' keeps only matmul results (default: the preset's, 'none').",
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "host:port of process 0 for multi-host training."
 )
@@ -88,6 +95,7 @@ def _experiment():
     ("train.spike_factor", _SPIKE),
     ("optim.lr", _LR),
     ("optim.engram_lr_mult", _TABLE_LR),
+    ("model.remat", _REMAT),
   )
   overrides = {key: flag.value for key, flag in flagged if flag.value is not None}
   overrides["memory.kind"] = _MEMORY.value

@@ -127,3 +127,22 @@ def test_bfloat16_compute(tiny_cfg):
   model, variables, tokens, rows = _setup(cfg)
   logits, _ = jax.jit(model.apply)(variables, tokens, rows)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_keeps_params_outputs_and_gradients(tiny_cfg, tiny, policy):
+  model, variables, tokens, rows, _ = tiny
+  remat = EngramLM(dataclasses.replace(tiny_cfg, remat=policy))
+
+  def loss(m, params, rows):
+    logits, _ = m.apply({**variables, "params": params}, tokens, rows, mutable=False)
+    return jnp.mean(logits**2)
+
+  grad = lambda m: jax.jit(jax.value_and_grad(lambda p, r: loss(m, p, r), argnums=(0, 1)))
+  want, got = grad(model)(variables["params"], rows), grad(remat)(variables["params"], rows)
+  # The same parameter tree (checkpoints serve every policy), values and gradients.
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(lambda p: loss(remat, p, rows))(variables["params"]))
+  assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= tiny_cfg.num_layers
+  with pytest.raises(ValueError, match="remat"):
+    dataclasses.replace(tiny_cfg, remat="some")

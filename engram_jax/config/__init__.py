@@ -23,6 +23,7 @@ from engram_jax.config.experiment import (
 )
 from engram_jax.config.model import (
   MOE_DISPATCHES,
+  REMAT_POLICIES,
   EngramConfig,
   ModelConfig,
   MoEConfig,
@@ -37,6 +38,7 @@ __all__ = [
   "MEMORY_KINDS",
   "MESH_AXES",
   "MOE_DISPATCHES",
+  "REMAT_POLICIES",
   "STORAGE_TYPES",
   "EngramConfig",
   "ExperimentConfig",

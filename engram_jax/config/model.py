@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from engram_jax.config.checks import check as _check
 
 MOE_DISPATCHES = ("auto", "ragged", "blocks")
+# What a block keeps for its backward pass: everything ('none'), nothing but its inputs
+# ('full': the forward runs again), or the results of matmuls without batch dimensions
+# ('dots_saveable', jax's `checkpoint_policies.dots_with_no_batch_dims_saveable`).
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 
 
 def check_engram_args(
@@ -255,6 +259,8 @@ class ModelConfig:
       memory starts close to silent and the block close to its attention/FFN path (the
       reference demo's `nn.Embedding` uses 1.0; on `cpu_small` 1.0 ended 0.03 nats worse, see
       docs/results.md).
+    remat: rematerialisation of every block (`REMAT_POLICIES`): activation memory against
+      recomputation; the same mathematics either way.
   """
 
   vocab_size: int = 8192
@@ -273,6 +279,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"
   engram_init_std: float = 0.02
+  remat: str = "none"
 
   def __post_init__(self):
     for name in (
@@ -288,6 +295,7 @@ class ModelConfig:
     ):
       value = getattr(self, name)
       _check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
+    _check(self.remat in REMAT_POLICIES, "remat", f"one of {REMAT_POLICIES}", self.remat)
     _check(
       self.num_heads % self.num_kv_heads == 0,
       "num_kv_heads",

@@ -60,6 +60,7 @@ _FREE = (
   "config.mesh.rules",
   "config.mesh.table_axes",
   "config.model.moe.dispatch",  # the same outputs to float rounding
+  "config.model.remat",  # the same mathematics
   "steps",  # the top-level copy of config.train.steps
   "tokenizer.path",
   "version",
