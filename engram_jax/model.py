@@ -9,6 +9,12 @@ The Engram tables are not parameters of this module: the caller fetches `rows[i]
 from a memory backend with the hash ids that came with the batch and passes them in, so the
 gradient w.r.t. the rows can drive a sparse table update.
 
+With `ModelConfig.scan_layers`, each run of two or more consecutive blocks of one kind (no
+Engram layer; all dense or all MoE; `scan_groups`) is one `nn.scan` over a block whose
+parameters (and balancing biases) are stacked on a leading "layers" axis, under the name
+`blocks_{first}_{stop}`; `stack_blocks` / `unstack_blocks` convert any tree keyed like the
+parameters (parameters, optimizer moments, biases) between the two forms.
+
 Incremental decoding: `init_decode_cache` makes a `DecodeCache` (per block, the attention's
 keys/values and, at Engram layers, the convolution's last inputs); calling the model with
 `positions` and `cache` runs only the new tokens and returns the updated cache. Everything
@@ -160,6 +166,80 @@ class Block(nn.Module):
     return h, load, BlockCache(kv, conv)
 
 
+def scan_groups(cfg: ModelConfig) -> list[tuple[int, int]]:
+  """The [first, stop) runs of blocks `scan_layers` scans (empty without it): two or more
+  consecutive blocks that are not Engram layers and are all MoE or all dense."""
+  if not cfg.scan_layers:
+    return []
+  groups, i = [], 0
+  while i < cfg.num_layers:
+    stop = i + 1
+    if i not in cfg.engram_layers:
+      while (
+        stop < cfg.num_layers
+        and stop not in cfg.engram_layers
+        and cfg.is_moe_layer(stop) == cfg.is_moe_layer(i)
+      ):
+        stop += 1
+    if stop - i >= 2:
+      groups.append((i, stop))
+    i = stop
+  return groups
+
+
+# Scanned blocks are named `blocks_{first}_{stop}`.
+SCANNED_PREFIX = "blocks_"
+
+
+def group_name(first: int, stop: int) -> str:
+  """The name of the scanned blocks [first, stop)."""
+  return f"{SCANNED_PREFIX}{first}_{stop}"
+
+
+def _map_dicts(tree, fn):
+  """`fn` applied to every dict of a pytree of dicts, lists, tuples and NamedTuples (optax
+  states), innermost first."""
+  if isinstance(tree, dict):
+    return fn({k: _map_dicts(v, fn) for k, v in tree.items()})
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return type(tree)(*(_map_dicts(v, fn) for v in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_map_dicts(v, fn) for v in tree)
+  return tree
+
+
+def stack_blocks(tree, cfg: ModelConfig):
+  """`tree` (keyed like an unscanned model's parameters: params, optimizer moments, biases)
+  with the blocks of every `scan_groups(cfg)` run stacked: block_i, ... -> blocks_{a}_{b},
+  each leaf [L_group, ...]."""
+
+  def stack(d: dict) -> dict:
+    for a, b in scan_groups(cfg):
+      names = [f"block_{i}" for i in range(a, b)]
+      if all(n in d for n in names):
+        d = {k: v for k, v in d.items() if k not in names} | {
+          group_name(a, b): jax.tree.map(lambda *xs: jnp.stack(xs), *[d[n] for n in names])
+        }
+    return d
+
+  return _map_dicts(tree, stack)
+
+
+def unstack_blocks(tree, cfg: ModelConfig):
+  """The inverse of `stack_blocks`: blocks_{a}_{b} -> block_a, ..., block_{b-1}."""
+
+  def unstack(d: dict) -> dict:
+    for a, b in scan_groups(cfg):
+      if group_name(a, b) in d:
+        group = d[group_name(a, b)]
+        d = {k: v for k, v in d.items() if k != group_name(a, b)} | {
+          f"block_{i}": jax.tree.map(lambda x, j=i - a: x[j], group) for i in range(a, b)
+        }
+    return d
+
+  return _map_dicts(tree, unstack)
+
+
 def _rematerialised(policy: str) -> type[Block]:
   """`Block`, or `Block` under `nn.remat` with the policy of `ModelConfig.remat` (the
   parameters keep their names: a checkpoint serves every policy)."""
@@ -231,7 +311,28 @@ class EngramLM(nn.Module):
     h = expand_streams(x, cfg.streams)  # [B, T, D] -> [B, T, M, D]
     loads, new_cache = [], []
     block_cls = _rematerialised(cfg.remat)
-    for i in range(cfg.num_layers):
+    groups = dict(scan_groups(cfg))  # first block -> stop
+    if groups and cache is not None:
+      raise ValueError(
+        "cache: decoding runs unscanned blocks; serve with scan_layers=False and "
+        "`unstack_blocks` parameters (engram_jax.run.load_run does both)"
+      )
+    i = 0
+    while i < cfg.num_layers:
+      if i in groups:
+        stop = groups[i]
+        scanned = nn.scan(
+          block_cls,
+          variable_axes={"params": 0, "balance": 0},
+          split_rngs={"params": True},
+          length=stop - i,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        # The carry is h; each step's input is "no rows". Loads: [L_group, E] or None.
+        h, load = scanned(cfg, i, name=group_name(i, stop))(h, None)
+        loads.extend([] if load is None else list(load))
+        i = stop
+        continue
       block = block_cls(cfg, i, name=f"block_{i}")
       if cache is None:
         h, load = block(h, rows.get(i))
@@ -240,6 +341,7 @@ class EngramLM(nn.Module):
         new_cache.append(block_cache)
       if load is not None:
         loads.append(load)
+      i += 1
     x = RMSNorm(eps=cfg.norm_eps, name="final_norm")(merge_streams(h))  # [B, T, M, D] -> [B, T, D]
     head = self.param(
       "lm_head",

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 
 from engram_jax import config, presets
-from engram_jax.config import MEMORY_KINDS, MeshConfig
+from engram_jax.config import MEMORY_KINDS, REMAT_POLICIES, MeshConfig
 from engram_jax.train import aot
 from experiments import cli
 
@@ -29,6 +29,8 @@ _SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the pres
 _MEMORY = flags.DEFINE_enum(
   "memory", None, list(MEMORY_KINDS), "Where the tables live (default: 'sharded' on a mesh)."
 )
+_SCAN = flags.DEFINE_bool("scan_layers", True, "Scan repeated blocks (much faster to compile).")
+_REMAT = flags.DEFINE_enum("remat", "full", list(REMAT_POLICIES), "Rematerialisation of blocks.")
 _JSON = flags.DEFINE_string("json", None, "Write the report here (refuses an existing file).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json file.")
 
@@ -36,7 +38,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json f
 def _experiment() -> config.ExperimentConfig:
   mesh = MeshConfig.parse(_MESH.value)
   overrides = {f"mesh.{axis}": size for axis, size in mesh.shape.items()}
-  overrides["memory.kind"] = _MEMORY.value or ("sharded" if mesh.data > 1 else "device")
+  overrides["memory.kind"] = _MEMORY.value or ("sharded" if mesh.devices > 1 else "device")
+  overrides |= {"model.scan_layers": _SCAN.value, "model.remat": _REMAT.value}
   if _BATCH.value is not None:
     overrides["train.batch_size"] = _BATCH.value
   if _SEQ.value is not None:

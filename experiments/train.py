@@ -76,6 +76,12 @@ _REMAT = flags.DEFINE_enum(
   "Rematerialisation of each block: 'full' recomputes its forward in the backward pass, "
   "'dots_saveable' keeps only matmul results (default: the preset's, 'none').",
 )
+_SCAN = flags.DEFINE_bool(
+  "scan_layers",
+  None,
+  "Scan each run of repeated blocks (one compiled block per run, parameters stacked; "
+  "default: the preset's, off). A run keeps the form it started with.",
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "host:port of process 0 for multi-host training."
 )
@@ -96,6 +102,7 @@ def _experiment():
     ("optim.lr", _LR),
     ("optim.engram_lr_mult", _TABLE_LR),
     ("model.remat", _REMAT),
+    ("model.scan_layers", _SCAN),
   )
   overrides = {key: flag.value for key, flag in flagged if flag.value is not None}
   overrides["memory.kind"] = _MEMORY.value

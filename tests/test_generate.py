@@ -148,3 +148,22 @@ def test_serving_skips_a_corrupt_checkpoint_and_moves_nothing(finished_run):
   assert Generator.from_checkpoint(workdir).generate("And God said", 2) is not None
   assert (workdir / "checkpoints" / "6").is_dir()
   assert not (workdir / "checkpoints" / "corrupt").exists()
+
+
+def test_serves_a_run_trained_with_scanned_blocks(small_corpus, tmp_path):
+  from engram_jax import presets
+  from engram_jax.train import loop
+
+  exp = presets.tiny()
+  model = dataclasses.replace(exp.model, num_layers=4, scan_layers=True)  # blocks 2-3 scanned
+  exp = dataclasses.replace(
+    exp, model=model, train=dataclasses.replace(exp.train, steps=2, eval_every=2)
+  )
+  loop.train(exp, tmp_path, corpus_files=(small_corpus,), progress=False)
+  gen = Generator.from_checkpoint(tmp_path)
+  # Unstacked for cached decoding: every block under its own name again.
+  assert not gen.model_cfg.scan_layers
+  assert {"block_2", "block_3"} <= set(gen.params) and "blocks_2_4" not in gen.params
+  assert gen.generate("And God said", max_new_tokens=3) == gen.generate(
+    "And God said", max_new_tokens=3
+  )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engram_jax import presets
-from engram_jax.model import EngramLM, init_decode_cache
+from engram_jax.model import EngramLM, init_decode_cache, scan_groups, stack_blocks, unstack_blocks
 
 B, T = 2, 12
 
@@ -146,3 +146,46 @@ def test_remat_keeps_params_outputs_and_gradients(tiny_cfg, tiny, policy):
   assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= tiny_cfg.num_layers
   with pytest.raises(ValueError, match="remat"):
     dataclasses.replace(tiny_cfg, remat="some")
+
+
+def _deep_cfg(tiny_cfg, num_layers=5, num_dense_layers=1):
+  """Blocks 0 dense, 1 Engram + MoE, 2.. MoE: blocks 2..num_layers-1 repeat."""
+  return dataclasses.replace(tiny_cfg, num_layers=num_layers, num_dense_layers=num_dense_layers)
+
+
+def test_scan_groups_are_runs_of_one_kind(tiny_cfg):
+  scan = lambda **kw: scan_groups(dataclasses.replace(_deep_cfg(tiny_cfg, **kw), scan_layers=True))
+  assert scan() == [(2, 5)]
+  assert scan(num_layers=6, num_dense_layers=3) == [(3, 6)]  # 0 | 1 Engram | 2 | 3-5
+  assert scan(num_layers=3) == []  # 2 stands alone
+  assert scan_groups(_deep_cfg(tiny_cfg)) == []  # scan_layers off
+
+
+def test_scanned_blocks_compute_what_the_unscanned_do(tiny_cfg):
+  cfg = _deep_cfg(tiny_cfg)
+  model, variables, tokens, rows = _setup(cfg)
+  scan_cfg = dataclasses.replace(cfg, scan_layers=True)
+  stacked = stack_blocks(variables, scan_cfg)
+  assert stacked["params"]["blocks_2_5"]["attn"]["w_q"].shape[0] == 3
+  assert "block_3" not in stacked["params"] and "block_1" in stacked["params"]
+  chex.assert_trees_all_equal(unstack_blocks(stacked, scan_cfg), variables)
+  # The layers axis is named for the sharding rules.
+  boxed = jax.eval_shape(EngramLM(scan_cfg).init, jax.random.key(0), tokens, rows)
+  assert nn.get_partition_spec(boxed)["params"]["blocks_2_5"]["attn"]["w_q"][0] == "layers"
+
+  def loss(m, params, v):
+    logits, load = m.apply({**v, "params": params}, tokens, rows, mutable=False)
+    return jnp.mean(logits**2) + jnp.sum(load), (logits, load)
+
+  grad = lambda m, v: jax.jit(jax.grad(lambda p: loss(m, p, v), has_aux=True))(v["params"])
+  (g, (logits, load)), (gs, (logits_s, load_s)) = (
+    grad(model, variables),
+    grad(EngramLM(scan_cfg), stacked),
+  )
+  np.testing.assert_allclose(logits_s, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(load_s, load, rtol=1e-6)  # [L_moe, E], in block order
+  chex.assert_trees_all_close(unstack_blocks(gs, scan_cfg), g, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="decoding runs unscanned blocks"):
+    EngramLM(scan_cfg).apply(
+      stacked, tokens, rows, jnp.zeros_like(tokens), init_decode_cache(scan_cfg, B, T)
+    )

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import signal
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from engram_jax.config import LOGICAL_RULES, MemoryConfig, MeshConfig
 from engram_jax.data import read_text
 from engram_jax.data.corpus import default_corpus_path
 from engram_jax.memory.table import TableLayout
+from engram_jax.model import unstack_blocks
 from engram_jax.train import loop
 from engram_jax.train.step import Trainer
 
@@ -85,10 +87,10 @@ def _norm(spec) -> tuple:
   return out
 
 
-def _run(mesh_cfg, steps=10, b=4, t=16, kind="device"):
+def _run(mesh_cfg, steps=10, b=4, t=16, kind="device", **model_changes):
   """Losses of `steps` train steps of the tiny model on synthetic batches, and the state."""
   exp = _tiny(mesh_cfg)
-  model = dataclasses.replace(exp.model, vocab_size=101)
+  model = dataclasses.replace(exp.model, vocab_size=101, **model_changes)
   layouts = {
     layer: TableLayout.from_sizes([211, 223, 227, 229], model.engram.head_dim, 0.02)
     for layer in model.engram.layer_ids
@@ -137,6 +139,22 @@ def test_sharded_tables_spread_over_every_axis_by_default(one_device):
   np.testing.assert_allclose(losses, one_device, rtol=2e-4)
   with pytest.raises(ValueError, match="table_axes"):
     MeshConfig(table_axes=("rows",))
+
+
+def test_scanned_blocks_train_like_unscanned():
+  deep = {"num_layers": 4, "remat": "full"}  # blocks 2-3 repeat
+  want, _, ref = _run(MeshConfig(), steps=6, **deep)
+  got, _, state = _run(MeshConfig(fsdp=2), steps=6, scan_layers=True, **deep)
+  # The trained state converts back to the unscanned form: parameters, moments and biases.
+  cfg = dataclasses.replace(presets.tiny().model, scan_layers=True, **deep)
+  back = unstack_blocks((state.params, state.opt_state, state.balance), cfg)
+  unscanned = (ref.params, ref.opt_state, ref.balance)
+  chex.assert_trees_all_equal_shapes_and_dtypes(back, unscanned)
+  chex.assert_trees_all_close(back, unscanned, rtol=1e-2, atol=2e-3)  # Adam amplifies rounding
+  w_q = state.params["blocks_2_4"]["attn"]["w_q"]
+  assert w_q.shape[0] == 2 and _norm(w_q.sharding.spec) == (None, "fsdp")  # layers, embed
+  assert state.balance["blocks_2_4"]["moe"]["expert_bias"].shape == (2, 4)
+  np.testing.assert_allclose(got, want, rtol=2e-4)
 
 
 def test_checkpoint_moves_between_mesh_shapes(corpus, tmp_path):

@@ -227,3 +227,15 @@ def test_backbone_step(use_muon):
 
 
 # --- sparse table Adam ----------------------------------------------------------------------
+
+
+def test_scanned_blocks_matrices_stay_muon_matrices():
+  params = {
+    "blocks_2_4": {"attn": {"w_q": np.zeros((2, 8, 2, 4)), "w_o": np.zeros((2, 2, 4, 8))}},
+    "block_1": {"attn": {"w_q": np.zeros((8, 2, 4))}, "attn_norm": {"scale": np.zeros(8)}},
+  }
+  labels = opt.param_labels(params)
+  assert labels["blocks_2_4"]["attn"] == {"w_q": opt.MUON, "w_o": opt.MUON}
+  assert labels["block_1"] == {"attn": {"w_q": opt.MUON}, "attn_norm": {"scale": opt.ADAMW}}
+  dims = opt.muon_dimension_numbers(params)
+  assert dims["blocks_2_4"]["attn"]["w_o"].reduction_axis == (1, 2)  # the layers axis: a batch

@@ -261,6 +261,10 @@ class ModelConfig:
       docs/results.md).
     remat: rematerialisation of every block (`REMAT_POLICIES`): activation memory against
       recomputation; the same mathematics either way.
+    scan_layers: run each run of two or more consecutive blocks of one kind (no Engram; all
+      dense or all MoE) under `nn.scan`, its parameters stacked on a leading "layers" axis
+      (`model.scan_groups`): one compiled block per run instead of one per layer. Training
+      only; `model.stack_blocks` / `unstack_blocks` convert parameters and checkpoints.
   """
 
   vocab_size: int = 8192
@@ -280,6 +284,7 @@ class ModelConfig:
   dtype: str = "float32"
   engram_init_std: float = 0.02
   remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in (
@@ -296,6 +301,7 @@ class ModelConfig:
       value = getattr(self, name)
       _check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
     _check(self.remat in REMAT_POLICIES, "remat", f"one of {REMAT_POLICIES}", self.remat)
+    _check(isinstance(self.scan_layers, bool), "scan_layers", "a bool", self.scan_layers)
     _check(
       self.num_heads % self.num_kv_heads == 0,
       "num_kv_heads",

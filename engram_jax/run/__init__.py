@@ -28,7 +28,7 @@ from engram_jax.data.tokenizer_train import SpecialTokenIds, special_token_ids
 from engram_jax.hashing import EngramHashing
 from engram_jax.memory.backends import padded_rows, table_key
 from engram_jax.memory.base import TableState
-from engram_jax.model import EngramLM
+from engram_jax.model import EngramLM, unstack_blocks
 from engram_jax.run import folder
 from engram_jax.run.checkpoint import Checkpointer
 from engram_jax.tokenization import load_tokenizer
@@ -154,6 +154,9 @@ def load_run(
     layer: np.asarray(tree["tables"][table_key(layer)].table)[: lay.num_rows]
     for layer, lay in (hashing.layouts if hashing is not None else {}).items()
   }
+  # Serving decodes with unscanned blocks: a run trained with scan_layers is unstacked.
+  params, balance = unstack_blocks((tree["params"], tree["balance"]), model_cfg)
+  exp = dataclasses.replace(exp, model=dataclasses.replace(model_cfg, scan_layers=False))
   return LoadedRun(
     workdir=workdir,
     experiment=exp,
@@ -161,7 +164,7 @@ def load_run(
     special_ids=special_token_ids(tokenizer),
     hashing=hashing,
     step=step,
-    params=tree["params"],
-    balance=tree["balance"],
+    params=params,
+    balance=balance,
     tables=tables,
   )

@@ -96,6 +96,8 @@ def memory_report(exp: ExperimentConfig) -> dict:
     "batch_size": b,
     "seq_len": t,
     "memory": exp.memory.kind,
+    "scan_layers": exp.model.scan_layers,
+    "remat": exp.model.remat,
     "state_bytes_total": int(sum(_nbytes(x) for _, x in leaves)),
     "bytes_per_device": per_device,
     "largest_replicated_bytes": int(largest[1]),

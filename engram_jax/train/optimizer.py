@@ -16,6 +16,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from engram_jax.config import OptimConfig
+from engram_jax.model import SCANNED_PREFIX
 
 MUON = "muon"
 ADAMW = "adamw"
@@ -53,15 +54,26 @@ def _leaf_name(path) -> str:
   return str(getattr(last, "key", getattr(last, "name", last)))
 
 
+def _stacked(path) -> int:
+  """1 for a parameter of scanned blocks (a leading "layers" axis, `model.scan_groups`), else 0."""
+  keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  return int(any(k.startswith(SCANNED_PREFIX) for k in keys))
+
+
 def _matrix_dims(path, x) -> MuonDimensionNumbers | None:
-  """Muon's view of one parameter as (a batch of) matrices, or None for a non-matrix."""
+  """Muon's view of one parameter as (a batch of) matrices, or None for a non-matrix. The
+  layers axis of scanned blocks is one more batch axis: each layer's matrix is its own."""
   name = _leaf_name(path)
   if name in _SWIGLU and x.ndim >= 2:
     return MuonDimensionNumbers(reduction_axis=x.ndim - 2, output_axis=x.ndim - 1)
   if name in _MATRIX_AXES:
     ndim, reduction, output = _MATRIX_AXES[name]
-    if x.ndim == ndim:
-      return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+    shift = _stacked(path)
+    if x.ndim == ndim + shift:
+      return MuonDimensionNumbers(
+        reduction_axis=tuple(a + shift for a in reduction),
+        output_axis=tuple(a + shift for a in output),
+      )
   return None
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from engram_jax import model as model_lib
 from engram_jax import sharding as sharding_lib
 from engram_jax.config import LOGICAL_RULES, MemoryConfig, ModelConfig, OptimConfig
 from engram_jax.layers.moe import update_expert_bias
@@ -102,7 +103,10 @@ class Trainer:
       layer: jnp.zeros((batch_size, seq_len, lay.num_heads, lay.dim))
       for layer, lay in self.layouts.items()
     }
-    variables = nn.unbox(self.model.init(k_model, batch["tokens"], rows))
+    # Initialised unscanned, then stacked: the same values with or without `scan_layers`.
+    unscanned = EngramLM(dataclasses.replace(self.model_cfg, scan_layers=False))
+    variables = nn.unbox(unscanned.init(k_model, batch["tokens"], rows))
+    variables = model_lib.stack_blocks(variables, self.model_cfg)
     params = variables["params"]
     tables = {
       table_key(layer): self.backend.init(layout.init(jax.random.fold_in(k_tables, i)))
@@ -271,11 +275,11 @@ class Trainer:
       return balance
     rate = self.model_cfg.moe.balance_rate
     moe_layers = [i for i in range(self.model_cfg.num_layers) if self.model_cfg.is_moe_layer(i)]
-    new = jax.tree.map(lambda x: x, balance)
+    new = model_lib.unstack_blocks(jax.tree.map(lambda x: x, balance), self.model_cfg)
     for j, i in enumerate(moe_layers):
       block = new[f"block_{i}"]["moe"]
       block["expert_bias"] = update_expert_bias(block["expert_bias"], load[j], rate)
-    return new
+    return model_lib.stack_blocks(new, self.model_cfg)
 
   def eval_step(self, state: TrainState, batch: Batch) -> dict:
     """Validation loss of one batch."""
