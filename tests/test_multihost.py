@@ -1,6 +1,7 @@
 """Multi-host training for real: two processes of experiments/train.py, one CPU device each,
-joined by `jax.distributed` (gloo collectives) into one 2-device mesh: the backbone data-parallel,
-the Engram tables sharded with all_to_all across the processes. Their run must match the shared
+joined by `jax.distributed` (gloo collectives) into one 2-device mesh whose `fsdp` axis spans
+both: the batch split over it, every parameter and optimizer moment with an embed axis split
+across the processes (FSDP), and the Engram tables sharded with all_to_all across them. Their run must match the shared
 `tiny` run of one process on one device (sharded == device within one process is tested in
 test_train_tables.py)."""
 
@@ -31,7 +32,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
   workdir = tmp_path / "multi"
   command = [
     sys.executable, "-m", "experiments.train", "--preset=tiny", f"--workdir={workdir}",
-    f"--corpus={corpus[0]}", "--memory=sharded", "--mesh=2",
+    f"--corpus={corpus[0]}", "--memory=sharded", "--mesh=fsdp=2",
     f"--coordinator_address=localhost:{port}", "--num_processes=2",
   ]  # fmt: skip
   procs = [
@@ -51,9 +52,9 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
   # Both processes end with the reference's result; process 0 alone wrote the metrics.
   for out in outputs:
     printed = json.loads(out[out.rindex("{") :])
-    np.testing.assert_allclose(printed["val_loss"], ref["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(printed["val_loss"], ref["val_loss"], rtol=2e-4)
   multi, single = _losses(workdir / "metrics.jsonl"), _losses(ref_dir / "metrics.jsonl")
   assert [s for s, _ in multi] == [s for s, _ in single]
   assert len(multi) == len({s for s, _ in multi}) + 2  # each step once, plus two evaluations
-  np.testing.assert_allclose([v for _, v in multi], [v for _, v in single], rtol=1e-5)
+  np.testing.assert_allclose([v for _, v in multi], [v for _, v in single], rtol=2e-4)
   assert json.loads((workdir / "results.json").read_text())["steps"] == ref["steps"]
