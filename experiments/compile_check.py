@@ -10,6 +10,7 @@ that many simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)
 0 done, 1 error, 2 usage.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,12 @@ _MEMORY = flags.DEFINE_enum(
 )
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan repeated blocks (much faster to compile).")
 _REMAT = flags.DEFINE_enum("remat", "full", list(REMAT_POLICIES), "Rematerialisation of blocks.")
+_DISPATCH = flags.DEFINE_enum(
+  "dispatch",
+  "ragged",
+  ["ragged", "blocks"],
+  "MoE dispatch compiled: 'ragged' (ragged_dot, what 'auto' picks on GPU and TPU) or 'blocks'.",
+)
 _JSON = flags.DEFINE_string("json", None, "Write the report here (refuses an existing file).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json file.")
 
@@ -44,7 +51,11 @@ def _experiment() -> config.ExperimentConfig:
     overrides["train.batch_size"] = _BATCH.value
   if _SEQ.value is not None:
     overrides["train.seq_len"] = _SEQ.value
-  return config.override(presets.get(_PRESET.value), overrides)
+  exp = config.override(presets.get(_PRESET.value), overrides)
+  if exp.model.moe is None:
+    return exp
+  moe = dataclasses.replace(exp.model.moe, dispatch=_DISPATCH.value)
+  return dataclasses.replace(exp, model=dataclasses.replace(exp.model, moe=moe))
 
 
 def _simulate(devices: int) -> None:

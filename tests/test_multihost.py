@@ -1,9 +1,8 @@
 """Multi-host training for real: two processes of experiments/train.py, one CPU device each,
 joined by `jax.distributed` (gloo collectives) into one 2-device mesh whose `fsdp` axis spans
 both: the batch split over it, every parameter and optimizer moment with an embed axis split
-across the processes (FSDP), and the Engram tables sharded with all_to_all across them. Their run must match the shared
-`tiny` run of one process on one device (sharded == device within one process is tested in
-test_train_tables.py)."""
+across the processes (FSDP), and the Engram tables sharded with all_to_all across them. Their
+run must match the shared `tiny` run of one process on one device."""
 
 import json
 import os

@@ -98,6 +98,7 @@ def memory_report(exp: ExperimentConfig) -> dict:
     "memory": exp.memory.kind,
     "scan_layers": exp.model.scan_layers,
     "remat": exp.model.remat,
+    "moe_dispatch": exp.model.moe.dispatch if exp.model.moe is not None else None,
     "state_bytes_total": int(sum(_nbytes(x) for _, x in leaves)),
     "bytes_per_device": per_device,
     "largest_replicated_bytes": int(largest[1]),
