@@ -20,6 +20,12 @@ two-stage dispatch with the next step's rows prefetched on a background thread, 
 table inside one jit (`compute_on` host gather). Goal: within 3% of the on-device table (the
 paper's figure, §6.4).
 
+Section `sharded_step`: the full train step of a preset (`--step_preset`, synthetic batches)
+on every local device: a `fsdp` mesh over all of them (parameters and optimizer state split)
+with the Engram tables `sharded` over the same devices (ids and rows by all-to-all); one device
+trains unsharded. Reports tokens/s per device and the bytes one step sends between devices for
+the tables (`ShardSpec.exchange_bytes`, lookups and updates of every Engram layer).
+
     python -m bench.gpu_check   # all sections, < 5 minutes on one GPU
     python -m bench.gpu_check --sections=gather_bandwidth --table_gb=2,8 --tokens=1048576
     python -m bench.gpu_check --smoke    # tiny sizes, Pallas interpret mode: runs on a CPU
@@ -37,8 +43,11 @@ import numpy as np
 from absl import app, flags
 
 from bench.common import run_prefetched, scattered_zipf, time_call, toy_forward
-from engram_jax import memory
+from engram_jax import memory, presets, sharding
+from engram_jax.config import MemoryConfig, MeshConfig
 from engram_jax.memory import dispatch
+from engram_jax.train import aot
+from engram_jax.train.step import Trainer
 from pallas_kernels.gather import gather
 
 GOAL_VS_COPY = 0.75
@@ -46,7 +55,7 @@ GOAL_OFFLOAD_OVERHEAD = 0.03
 
 _SECTIONS = flags.DEFINE_list(
   "sections",
-  ["host_peak_memory", "gather_bandwidth", "host_offload_overhead"],
+  ["host_peak_memory", "gather_bandwidth", "host_offload_overhead", "sharded_step"],
   "Sections to run, in order.",
 )
 _TABLE_GB = flags.DEFINE_list("table_gb", ["2", "8"], "Table sizes in GB (1e9 bytes).")
@@ -62,6 +71,7 @@ _NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "Triton warp counts to s
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes in interpret mode (runs on a CPU).")
 _HOST_TABLE_GB = flags.DEFINE_float("host_table_gb", 24.0, "Host table of host_peak_memory.")
 _DEVICE_BUDGET_GB = flags.DEFINE_float("device_budget_gb", 8.0, "Stated device budget (GB).")
+_STEP_PRESET = flags.DEFINE_string("step_preset", "cpu_small", "Preset of sharded_step.")
 _OFFLOAD_TABLE_GB = flags.DEFINE_float("offload_table_gb", 4.0, "Table of the overhead section.")
 
 
@@ -108,6 +118,9 @@ class CheckConfig:
   offload_tokens: int = 16384
   model_width: int = 4096
   model_layers: int = 8
+  step_preset: str = "cpu_small"
+  step_batch: int = 64
+  step_seq: int = 256
 
   @classmethod
   def smoke(cls) -> CheckConfig:
@@ -128,6 +141,9 @@ class CheckConfig:
       offload_tokens=64,
       model_width=32,
       model_layers=2,
+      step_preset="tiny",
+      step_batch=8,
+      step_seq=16,
     )
 
 
@@ -306,10 +322,59 @@ def host_offload_overhead(config: CheckConfig) -> list[dict]:
   return results
 
 
+def sharded_step(config: CheckConfig) -> list[dict]:
+  """Train steps of `step_preset` on all local devices: tokens/s per device, table bytes."""
+  n = jax.local_device_count()
+  mesh_cfg = MeshConfig(fsdp=n)
+  exp = presets.get(config.step_preset)
+  b, t = config.step_batch, config.step_seq
+  layouts = aot.layouts_of(exp)
+  kind = "sharded" if n > 1 else "device"
+  mesh = sharding.make_mesh(mesh_cfg)
+  backend = memory.backend(MemoryConfig(kind=kind), mesh, table_axes=mesh_cfg.table_axes)
+  trainer = Trainer(exp.model, exp.optim, exp.train.steps, layouts, backend, mesh_cfg.rules)
+  state = trainer.create_state(jax.random.key(config.seed), b, t)
+  rng = np.random.default_rng(config.seed)
+  tokens = rng.integers(0, exp.model.vocab_size, size=(b, t + 1)).astype(np.int32)
+  hash_ids = {
+    layer: rng.integers(0, min(lay.sizes), size=(b, t, lay.num_heads)).astype(np.int32)
+    for layer, lay in layouts.items()
+  }
+  batch = trainer.shard_batch(
+    {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "hash_ids": hash_ids}
+  )
+  step = jax.jit(trainer.train_step, donate_argnums=0)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = step(holder["state"], batch)
+    return metrics["loss"]
+
+  seconds = time_call(one_step, timed_calls=config.timed_calls, warmup_calls=config.warmup_calls)
+  exchanged = 0
+  if kind == "sharded":
+    for lay in layouts.values():
+      spec = memory.sharded.ShardSpec(mesh, backend.axis, backend.padded_rows(lay.num_rows))
+      ids = b * t * lay.num_heads // spec.shards  # per device
+      for update in (False, True):
+        exchanged += n * spec.exchange_bytes(ids, lay.dim, 4, "all_to_all", update)
+  return [
+    {
+      "section": "sharded_step",
+      "table_gb": sum(lay.num_params for lay in layouts.values()) * 4 / 1e9,
+      "impl": f"{config.step_preset} on {n} device(s), fsdp={n}, tables {kind}",
+      "ms": seconds * 1e3,
+      "tokens_per_s_per_device": b * t / seconds / n,
+      "table_mb_exchanged_per_step": exchanged / 1e6,
+    }
+  ]
+
+
 SECTIONS: dict[str, Callable[[CheckConfig], list[dict]]] = {
   "gather_bandwidth": gather_bandwidth,
   "host_peak_memory": host_peak_memory,
   "host_offload_overhead": host_offload_overhead,
+  "sharded_step": sharded_step,
 }
 
 
@@ -345,6 +410,11 @@ def format_results(results: Sequence[dict]) -> str:
 
 def _format_offload(r: dict) -> str:
   line = f"{r['section']:21s} table {r['table_gb']:8.4g} GB  {r['impl']:46s} {r['ms']:9.3f} ms"
+  if r["section"] == "sharded_step":
+    return line + (
+      f"  {r['tokens_per_s_per_device']:,.0f} tokens/s per device, "
+      f"{r['table_mb_exchanged_per_step']:.3f} MB of table traffic per step (all-to-all)"
+    )
   if "error" in r:
     return line + f"  FAILED {r['error']}"
   if "overhead" in r:
@@ -380,6 +450,7 @@ def config_from_flags() -> CheckConfig:
     host_table_bytes=int(_HOST_TABLE_GB.value * 1e9),
     device_budget_bytes=int(_DEVICE_BUDGET_GB.value * 1e9),
     offload_table_bytes=int(_OFFLOAD_TABLE_GB.value * 1e9),
+    step_preset=_STEP_PRESET.value,
   )
 
 

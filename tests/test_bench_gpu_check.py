@@ -33,3 +33,10 @@ def test_smoke_results():
 def test_unknown_section_is_rejected():
   with pytest.raises(ValueError, match="gather_bandwidth"):
     gpu_check.run(gpu_check.CheckConfig.smoke(), ["peak_memory_typo"])
+
+
+def test_sharded_step_on_every_local_device():
+  (r,) = gpu_check.run(gpu_check.CheckConfig.smoke(), ["sharded_step"])
+  assert r["impl"] == "tiny on 8 device(s), fsdp=8, tables sharded"  # the 8 simulated devices
+  assert r["tokens_per_s_per_device"] > 0 and r["table_mb_exchanged_per_step"] > 0
+  assert "tokens/s per device" in gpu_check.format_results([r])
