@@ -156,6 +156,7 @@ class Block(nn.Module):
         routed_scaling=moe.routed_scaling,
         dtype=dtype,
         dispatch=moe.dispatch,
+        capacity_slack=moe.capacity_slack,
         name="moe",
       )(x)
     else:

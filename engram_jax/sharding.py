@@ -9,6 +9,8 @@ is split over (data, fsdp) on its leading axis; a 'sharded' Engram table over `D
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -121,3 +123,25 @@ def follow_params(tree, params, param_shardings, mesh: Mesh | None):
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+# The mesh and rules a model is traced under (`model_mesh`), for layers that split their own
+# work (the MoE's expert parallelism); None outside.
+_MODEL_MESH: contextvars.ContextVar[tuple[Mesh, tuple[str, ...]] | None] = contextvars.ContextVar(
+  "engram_model_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def model_mesh(mesh: Mesh | None, rules: tuple[str, ...]):
+  """While a model is traced inside it, `current_mesh` gives its layers `mesh` and `rules`."""
+  token = _MODEL_MESH.set(None if mesh is None else (mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _MODEL_MESH.reset(token)
+
+
+def current_mesh() -> tuple[Mesh, tuple[str, ...]] | None:
+  """(mesh, rules) of the enclosing `model_mesh`, or None."""
+  return _MODEL_MESH.get()

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
+from engram_jax import sharding
+from engram_jax.config import LOGICAL_RULES, MeshConfig
 from engram_jax.layers.moe import (
   MoE,
   _run_blocks,
@@ -243,3 +245,35 @@ def test_blocks_execute_close_to_the_routed_work():
     )
   )
   assert dense > 8 * routed  # XLA:CPU's ragged_dot: every row against every expert
+
+
+@pytest.mark.parametrize("skew", [0.0, 50.0])
+def test_expert_parallel_equals_one_device_and_drops_nothing(skew):
+  """Experts split over expert=4 (2 per device) with data=2: the same outputs, loads and
+  gradients as one device. With skew, every token picks experts 0 and 1 (one device's), so
+  that device receives all its N_loc * K assignments, twice its capacity at slack 1: the
+  overflow path must still run every one of them."""
+  mesh = sharding.make_mesh(MeshConfig(data=2, expert=4))
+  layer = MoE(num_experts=8, top_k=2, expert_hidden=16, num_shared=1, capacity_slack=1.0)
+  x = jax.random.normal(jax.random.key(0), (4, 6, 32))
+  variables = nn.unbox(layer.init(jax.random.key(1), x))
+  bias = jnp.zeros((8,)).at[:2].set(skew)
+  variables = {**variables, "balance": {"expert_bias": bias}}
+
+  def loss(params, x):
+    y, load = layer.apply({**variables, "params": params}, x)
+    return jnp.sum(y**2), (y, load)
+
+  # Two functions: jit caches a trace per function, and the mesh is read while tracing.
+  grad = lambda: jax.jit(jax.value_and_grad(lambda p, x: loss(p, x), (0, 1), has_aux=True))
+  (_, (y, load)), g = grad()(variables["params"], x)
+  with sharding.model_mesh(mesh, LOGICAL_RULES):
+    ep = grad()
+    (_, (y_ep, load_ep)), g_ep = ep(variables["params"], x)
+    text = ep.lower(variables["params"], x).as_text()
+  assert "all_gather" in text or "all-gather" in text  # the expert-parallel path ran
+  np.testing.assert_allclose(y_ep, y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(load_ep, load, rtol=1e-6)
+  if skew:
+    np.testing.assert_allclose(load[:2], [0.5, 0.5])  # every assignment on one device
+  chex.assert_trees_all_close(g_ep, g, rtol=1e-4, atol=1e-5)

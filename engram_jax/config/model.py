@@ -192,6 +192,9 @@ class MoEConfig:
       'blocks' (one batched matmul over blocks of one expert each: XLA:CPU lowers ragged_dot
       densely, E times the work) or 'auto' (ragged on GPU/TPU, blocks elsewhere). Every choice
       gives the same outputs and gradients to float rounding.
+    capacity_slack: with expert parallelism (a mesh `expert` axis), each device runs its
+      experts on at most slack x its even share of the assignments; a device with more takes
+      the overflow path, all of its token's assignments, so no token is dropped.
   """
 
   num_experts: int = 8
@@ -201,8 +204,10 @@ class MoEConfig:
   routed_scaling: float = 1.0
   balance_rate: float = 1e-3
   dispatch: str = "auto"
+  capacity_slack: float = 2.0
 
   def __post_init__(self):
+    _check(self.capacity_slack > 0, "capacity_slack", "a factor > 0", self.capacity_slack)
     _check(
       isinstance(self.num_experts, int) and self.num_experts >= 1,
       "num_experts",

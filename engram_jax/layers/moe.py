@@ -23,10 +23,14 @@ to run the experts give the same outputs and gradients (to float rounding):
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from engram_jax import sharding
 from engram_jax.config import MOE_DISPATCHES
 from engram_jax.layers.ffn import FeedForward
 
@@ -146,6 +150,7 @@ class MoE(nn.Module):
     param_dtype: dtype of the weights.
     dispatch: how the routed experts run: 'ragged', 'blocks' or 'auto' (see the module
       docstring).
+    capacity_slack: expert parallelism's capacity factor (`MoEConfig.capacity_slack`).
   """
 
   num_experts: int
@@ -156,6 +161,7 @@ class MoE(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   dispatch: str = "auto"
+  capacity_slack: float = 2.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -209,6 +215,11 @@ class MoE(nn.Module):
       jnp.float32,
     ).value
 
+    parallel = _expert_mesh(e, b)
+    if parallel is not None:
+      y, counts = self._expert_parallel(x, router, w_gate, w_up, w_down, bias, *parallel)
+      return self._add_shared(x, y), counts / (n * k)
+
     # [B, T, D] -> [N, D]
     tokens = x.reshape(n, d)
     # [N, D] x [D, E] -> [N, E]; routing decisions are made in float32.
@@ -231,17 +242,94 @@ class MoE(nn.Module):
     y = jnp.einsum("nkd,nk->nd", routed.astype(jnp.float32), gates).astype(self.dtype)
     # [N, D] -> [B, T, D]
     y = y.reshape(b, t, d)
-
-    if self.num_shared > 0:
-      shared = FeedForward(
-        hidden_dim=self.num_shared * f,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="shared",
-      )
-      y = y + shared(x)
     load = group_sizes.astype(jnp.float32) / (n * k)
-    return y, load
+    return self._add_shared(x, y), load
+
+  def _add_shared(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y [B, T, D] plus the shared experts of x [B, T, D] (if any)."""
+    if self.num_shared == 0:
+      return y
+    shared = FeedForward(
+      hidden_dim=self.num_shared * self.expert_hidden,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="shared",
+    )
+    return y + shared(x)
+
+  def _expert_parallel(self, x, router, w_gate, w_up, w_down, bias, mesh, specs):
+    """The routed experts split over the mesh's expert axes (inside `shard_map`).
+
+    Every device holds the tokens of its batch shard (the same on every device of its expert
+    group) and E / EP experts; it routes its tokens (the router and biases are global), runs
+    its own experts on the assignments they received, and the expert group sums the partial
+    outputs (`psum`). Dropless: a device runs at most C = `capacity_slack` x (its even share of
+    the N_loc * K assignments) rows, and one that received more runs all N_loc * K instead
+    (`lax.cond`). The counts of every expert are summed over the whole batch.
+
+    Returns:
+      (y [B, T, D] in `dtype` without the shared experts, counts [E] float32 over the batch).
+    """
+    expert_axes, batch_axes, x_spec, w_spec = specs
+    k = self.top_k
+    ep = math.prod(mesh.shape[a] for a in expert_axes)
+
+    def local(x, router, w_gate, w_up, w_down, bias):
+      b, t, d = x.shape
+      n, e_loc = b * t, w_gate.shape[0]
+      tokens = x.reshape(n, d)  # [B_loc, T, D] -> [N_loc, D]
+      bias = jax.lax.all_gather(bias, expert_axes, tiled=True)  # [E / EP] -> [E]
+      # [N_loc, D] x [D, E] -> [N_loc, E] in float32, as in the one-device path
+      logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), router.astype(jnp.float32))
+      gates, experts = route(jax.nn.sigmoid(logits), bias, k, self.routed_scaling)
+      mine = experts // e_loc == jax.lax.axis_index(expert_axes)  # [N_loc, K]
+      # [N_loc, K] -> [N_loc*K]: this device's expert of each assignment, e_loc for others.
+      key = jnp.where(mine, experts % e_loc, e_loc).reshape(n * k)
+      sizes = jnp.bincount(key, length=e_loc + 1).astype(jnp.int32)  # [E_loc + 1]
+      order = jnp.argsort(key, stable=True)  # this device's assignments first
+      inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+      # A zero expert after the local ones takes the rows past this device's assignments.
+      pad = lambda w: jnp.concatenate([w, jnp.zeros((1, *w.shape[1:]), w.dtype)])
+
+      def run(rows: int):
+        def go():
+          group = sizes[:e_loc]
+          extra = rows - jnp.sum(group)  # >= 0 on the path that runs
+          out = self._run_experts(
+            tokens.astype(self.dtype)[order[:rows] // k],  # [C, D]
+            pad(w_gate),
+            pad(w_up),
+            pad(w_down),
+            jnp.concatenate([group, extra[None]]),
+          )  # [C, D]
+          # [C, D] -> [N_loc*K, D]: each assignment's row; zero for other devices' experts
+          picked = out[jnp.minimum(inverse, rows - 1)]
+          return jnp.where(key[:, None] < e_loc, picked, 0).astype(self.dtype)
+
+        return go
+
+      c = min(n * k, 8 * math.ceil(self.capacity_slack * n * k / ep / 8))
+      overflow = jnp.sum(sizes[:e_loc]) > c
+      routed = jax.lax.cond(overflow, run(n * k), run(c)) if c < n * k else run(n * k)()
+      # [N_loc, K, D] x [N_loc, K] -> [N_loc, D], then summed over the expert group
+      y = jnp.einsum("nkd,nk->nd", routed.reshape(n, k, d).astype(jnp.float32), gates)
+      y = jax.lax.psum(y, expert_axes).astype(self.dtype)
+      counts = jax.lax.all_gather(sizes[:e_loc], expert_axes, tiled=True)  # [E]
+      if batch_axes:
+        counts = jax.lax.psum(counts, batch_axes)
+      return y.reshape(b, t, d), counts.astype(jnp.float32)
+
+    w_in = P(*w_spec)  # [E, D, F] and [E, F, D]: split over the expert axes only
+    mapped = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(x_spec, P(), w_in, w_in, w_in, P(w_spec[0])),
+      out_specs=(x_spec, P()),
+      # y is summed over the expert group and the counts over every split, so both are the
+      # same on the devices out_specs say; the per-device cond hides that from the checker.
+      check_vma=False,
+    )
+    return mapped(x, router, w_gate, w_up, w_down, bias)
 
   def _run_experts(
     self,
@@ -273,6 +361,24 @@ class MoE(nn.Module):
     hidden = jax.nn.silu(gate) * up
     # [N*K, F] x [E, F, D] -> [N*K, D]
     return jax.lax.ragged_dot(hidden, w_down.astype(dt), group_sizes)
+
+
+def _expert_mesh(num_experts: int, batch: int):
+  """(mesh, (expert axes, batch axes, x spec, weight spec)) when the model is traced on a
+  mesh (`sharding.model_mesh`) whose expert axes split the experts evenly; else None."""
+  current = sharding.current_mesh()
+  if current is None:
+    return None
+  mesh, rules = current
+  w_spec = sharding.logical_spec(("expert", None, None), (num_experts, 1, 1), mesh, rules)
+  if w_spec[0] is None:
+    return None
+  expert_axes = w_spec[0] if isinstance(w_spec[0], tuple) else (w_spec[0],)
+  x_spec = sharding.logical_spec(("batch", None, None), (batch, 1, 1), mesh, rules)
+  batch = x_spec[0] if isinstance(x_spec[0], tuple) else (x_spec[0],) if x_spec[0] else ()
+  if set(batch) & set(expert_axes):
+    return None  # tokens split over the expert axes too: not this scheme
+  return mesh, (expert_axes, batch, x_spec, w_spec)
 
 
 def _run_blocks(rows, w_gate, w_up, w_down, group_sizes) -> jax.Array:

@@ -205,12 +205,14 @@ class Trainer:
     }
 
   def _forward(self, params, balance, rows, batch):
-    (logits, load), state = self.model.apply(
-      {"params": params, "balance": balance},
-      batch["tokens"],
-      rows,
-      mutable=["intermediates"],
-    )
+    # On a mesh, the MoE layers split their experts over its expert axis.
+    with sharding_lib.model_mesh(self.backend.mesh, self.rules):
+      (logits, load), state = self.model.apply(
+        {"params": params, "balance": balance},
+        batch["tokens"],
+        rows,
+        mutable=["intermediates"],
+      )
     # [B, T, V] with [B, T] targets -> scalar
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
     gates = jax.tree.leaves(state.get("intermediates", {}))
