@@ -258,7 +258,8 @@ class MoE(nn.Module):
     return y + shared(x)
 
   def _expert_parallel(self, x, router, w_gate, w_up, w_down, bias, mesh, specs):
-    """The routed experts split over the mesh's expert axes (inside `shard_map`).
+    """The routed experts on a mesh, inside `shard_map`: split over the expert axes (if any),
+    each device's tokens dispatched locally.
 
     Every device holds the tokens of its batch shard (the same on every device of its expert
     group) and E / EP experts; it routes its tokens (the router and biases are global), runs
@@ -278,11 +279,14 @@ class MoE(nn.Module):
       b, t, d = x.shape
       n, e_loc = b * t, w_gate.shape[0]
       tokens = x.reshape(n, d)  # [B_loc, T, D] -> [N_loc, D]
-      bias = jax.lax.all_gather(bias, expert_axes, tiled=True)  # [E / EP] -> [E]
+      me = 0
+      if expert_axes:
+        bias = jax.lax.all_gather(bias, expert_axes, tiled=True)  # [E / EP] -> [E]
+        me = jax.lax.axis_index(expert_axes)
       # [N_loc, D] x [D, E] -> [N_loc, E] in float32, as in the one-device path
       logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), router.astype(jnp.float32))
       gates, experts = route(jax.nn.sigmoid(logits), bias, k, self.routed_scaling)
-      mine = experts // e_loc == jax.lax.axis_index(expert_axes)  # [N_loc, K]
+      mine = experts // e_loc == me  # [N_loc, K]
       # [N_loc, K] -> [N_loc*K]: this device's expert of each assignment, e_loc for others.
       key = jnp.where(mine, experts % e_loc, e_loc).reshape(n * k)
       sizes = jnp.bincount(key, length=e_loc + 1).astype(jnp.int32)  # [E_loc + 1]
@@ -313,8 +317,11 @@ class MoE(nn.Module):
       routed = jax.lax.cond(overflow, run(n * k), run(c)) if c < n * k else run(n * k)()
       # [N_loc, K, D] x [N_loc, K] -> [N_loc, D], then summed over the expert group
       y = jnp.einsum("nkd,nk->nd", routed.reshape(n, k, d).astype(jnp.float32), gates)
-      y = jax.lax.psum(y, expert_axes).astype(self.dtype)
-      counts = jax.lax.all_gather(sizes[:e_loc], expert_axes, tiled=True)  # [E]
+      counts = sizes[:e_loc]
+      if expert_axes:
+        y = jax.lax.psum(y, expert_axes)
+        counts = jax.lax.all_gather(counts, expert_axes, tiled=True)  # [E / EP] -> [E]
+      y = y.astype(self.dtype)
       if batch_axes:
         counts = jax.lax.psum(counts, batch_axes)
       return y.reshape(b, t, d), counts.astype(jnp.float32)
@@ -365,20 +372,22 @@ class MoE(nn.Module):
 
 def _expert_mesh(num_experts: int, batch: int):
   """(mesh, (expert axes, batch axes, x spec, weight spec)) when the model is traced on a
-  mesh (`sharding.model_mesh`) whose expert axes split the experts evenly; else None."""
+  mesh (`sharding.model_mesh`) that splits the batch or (evenly) the experts; else None.
+  Without an expert split, each device runs every expert on its own tokens (the weights
+  gathered, as FSDP does): the sort of the assignments stays local."""
   current = sharding.current_mesh()
   if current is None:
     return None
   mesh, rules = current
+  axes = lambda entry: entry if isinstance(entry, tuple) else (entry,) if entry else ()
   w_spec = sharding.logical_spec(("expert", None, None), (num_experts, 1, 1), mesh, rules)
-  if w_spec[0] is None:
-    return None
-  expert_axes = w_spec[0] if isinstance(w_spec[0], tuple) else (w_spec[0],)
   x_spec = sharding.logical_spec(("batch", None, None), (batch, 1, 1), mesh, rules)
-  batch = x_spec[0] if isinstance(x_spec[0], tuple) else (x_spec[0],) if x_spec[0] else ()
-  if set(batch) & set(expert_axes):
+  expert_axes, batch_axes = axes(w_spec[0]), axes(x_spec[0])
+  if not expert_axes and not batch_axes:
+    return None  # nothing split: the one-device path
+  if set(batch_axes) & set(expert_axes):
     return None  # tokens split over the expert axes too: not this scheme
-  return mesh, (expert_axes, batch, x_spec, w_spec)
+  return mesh, (expert_axes, batch_axes, x_spec, w_spec)
 
 
 def _run_blocks(rows, w_gate, w_up, w_down, group_sizes) -> jax.Array:
