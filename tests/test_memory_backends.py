@@ -11,8 +11,6 @@ import pytest
 
 from engram_jax import presets, sharding
 from engram_jax.config import MemoryConfig, MeshConfig
-from engram_jax.data import read_text
-from engram_jax.data.corpus import default_corpus_path
 from engram_jax.memory import backends as backend_lib
 from engram_jax.memory.backends import table_key
 from engram_jax.memory.table import TableLayout
@@ -140,12 +138,10 @@ def test_calibrate_reads_batches_only_when_it_keeps_a_cache():
   assert trainer.calibrate(state, batches()) is not None
 
 
-def test_checkpoint_moves_between_backends(tmp_path):
-  corpus = tmp_path / "small.txt"
-  corpus.write_text(read_text(default_corpus_path())[:120_000])
+def test_checkpoint_moves_between_backends(tiny_run, tmp_path):
+  ref_dir, corpus, _ = tiny_run  # the shared `tiny` run, on the device backend
   exp = presets.tiny()
-  kw = dict(corpus_files=(str(corpus),), progress=False)
-  loop.train(exp, tmp_path / "device", **kw)
+  kw = dict(corpus_files=corpus, progress=False)
 
   def on(exp, kind, devices=1):
     return dataclasses.replace(exp, memory=MemoryConfig(kind=kind), mesh=MeshConfig(devices))
@@ -166,10 +162,10 @@ def test_checkpoint_moves_between_backends(tmp_path):
   loop.train(on(exp, "tiered"), tmp_path / "moved", resume=True, **kw)
 
   def losses(d):
-    rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
-  want, got = losses("device"), losses("moved")
+  want, got = losses(ref_dir), losses(tmp_path / "moved")
   assert sorted(got) == sorted(want)
   np.testing.assert_allclose(
     [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5

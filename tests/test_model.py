@@ -148,14 +148,14 @@ def test_remat_keeps_params_outputs_and_gradients(tiny_cfg, tiny, policy):
     dataclasses.replace(tiny_cfg, remat="some")
 
 
-def _deep_cfg(tiny_cfg, num_layers=5, num_dense_layers=1):
+def _deep_cfg(tiny_cfg, num_layers=4, num_dense_layers=1):
   """Blocks 0 dense, 1 Engram + MoE, 2.. MoE: blocks 2..num_layers-1 repeat."""
   return dataclasses.replace(tiny_cfg, num_layers=num_layers, num_dense_layers=num_dense_layers)
 
 
 def test_scan_groups_are_runs_of_one_kind(tiny_cfg):
   scan = lambda **kw: scan_groups(dataclasses.replace(_deep_cfg(tiny_cfg, **kw), scan_layers=True))
-  assert scan() == [(2, 5)]
+  assert scan() == [(2, 4)]
   assert scan(num_layers=6, num_dense_layers=3) == [(3, 6)]  # 0 | 1 Engram | 2 | 3-5
   assert scan(num_layers=3) == []  # 2 stands alone
   assert scan_groups(_deep_cfg(tiny_cfg)) == []  # scan_layers off
@@ -166,12 +166,12 @@ def test_scanned_blocks_compute_what_the_unscanned_do(tiny_cfg):
   model, variables, tokens, rows = _setup(cfg)
   scan_cfg = dataclasses.replace(cfg, scan_layers=True)
   stacked = stack_blocks(variables, scan_cfg)
-  assert stacked["params"]["blocks_2_5"]["attn"]["w_q"].shape[0] == 3
+  assert stacked["params"]["blocks_2_4"]["attn"]["w_q"].shape[0] == 2
   assert "block_3" not in stacked["params"] and "block_1" in stacked["params"]
   chex.assert_trees_all_equal(unstack_blocks(stacked, scan_cfg), variables)
   # The layers axis is named for the sharding rules.
   boxed = jax.eval_shape(EngramLM(scan_cfg).init, jax.random.key(0), tokens, rows)
-  assert nn.get_partition_spec(boxed)["params"]["blocks_2_5"]["attn"]["w_q"][0] == "layers"
+  assert nn.get_partition_spec(boxed)["params"]["blocks_2_4"]["attn"]["w_q"][0] == "layers"
 
   def loss(m, params, v):
     logits, load = m.apply({**v, "params": params}, tokens, rows, mutable=False)

@@ -14,8 +14,6 @@ from jax.sharding import PartitionSpec as P
 
 from engram_jax import memory, presets, sharding
 from engram_jax.config import LOGICAL_RULES, MemoryConfig, MeshConfig
-from engram_jax.data import read_text
-from engram_jax.data.corpus import default_corpus_path
 from engram_jax.memory.table import TableLayout
 from engram_jax.model import unstack_blocks
 from engram_jax.train import loop
@@ -65,13 +63,6 @@ def _tiny(mesh=None, steps=8):
   mesh = mesh or MeshConfig()
   train = dataclasses.replace(exp.train, steps=steps, batch_size=4)
   return dataclasses.replace(exp, train=train, mesh=mesh)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("corpus") / "small.txt"
-  path.write_text(read_text(default_corpus_path())[:120_000])
-  return path
 
 
 def _losses(workdir):
@@ -142,9 +133,9 @@ def test_sharded_tables_spread_over_every_axis_by_default(one_device):
 
 
 def test_scanned_blocks_train_like_unscanned():
-  deep = {"num_layers": 4, "remat": "full"}  # blocks 2-3 repeat
-  want, _, ref = _run(MeshConfig(), steps=6, **deep)
-  got, _, state = _run(MeshConfig(fsdp=2), steps=6, scan_layers=True, **deep)
+  deep = {"num_layers": 4}  # blocks 2-3 repeat
+  want, _, ref = _run(MeshConfig(), steps=4, **deep)
+  got, _, state = _run(MeshConfig(fsdp=2), steps=4, scan_layers=True, **deep)
   # The trained state converts back to the unscanned form: parameters, moments and biases.
   cfg = dataclasses.replace(presets.tiny().model, scan_layers=True, **deep)
   back = unstack_blocks((state.params, state.opt_state, state.balance), cfg)
@@ -157,7 +148,9 @@ def test_scanned_blocks_train_like_unscanned():
   np.testing.assert_allclose(got, want, rtol=2e-4)
 
 
-def test_checkpoint_moves_between_mesh_shapes(corpus, tmp_path):
+def test_checkpoint_moves_between_mesh_shapes(tiny_run, tmp_path):
+  ref_dir, corpus, _ = tiny_run  # the shared `tiny` run on one device
+
   def stop_at(n):
     def hook(step):
       if step == n:
@@ -165,14 +158,13 @@ def test_checkpoint_moves_between_mesh_shapes(corpus, tmp_path):
 
     return hook
 
-  kw = dict(corpus_files=(str(corpus),), progress=False)
-  loop.train(_tiny(), tmp_path / "one", **kw)
-  want = _losses(tmp_path / "one")
+  kw = dict(corpus_files=corpus, progress=False)
+  exp = presets.tiny()
   with pytest.raises(loop.Interrupted):  # steps 1-4 on a 2 x 2 x 2 mesh of every model axis
     mesh = MeshConfig(fsdp=2, tensor=2, expert=2)
-    loop.train(_tiny(mesh), tmp_path, on_step=stop_at(4), **kw)
-  loop.train(_tiny(), tmp_path, resume=True, **kw)  # and onto one device
-  got = _losses(tmp_path)
+    loop.train(dataclasses.replace(exp, mesh=mesh), tmp_path, on_step=stop_at(4), **kw)
+  loop.train(exp, tmp_path, resume=True, **kw)  # and onto one device
+  got, want = _losses(tmp_path), _losses(ref_dir)
   assert sorted(got) == sorted(want)
   np.testing.assert_allclose(
     [got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=2e-4
