@@ -1,4 +1,4 @@
-"""The accuracy cost of each row storage type (float32, bfloat16, int8 with a per-row scale).
+"""The accuracy cost of each row storage type (float32, bfloat16, int8 with a per-row scale, mxfp8).
 
 Restores the newest checkpoint of a trained run, then evaluates its validation loss with the
 Engram tables as trained, round-tripped through each storage type, and zeroed (a reference

@@ -30,7 +30,9 @@ def test_float32_reproduces_the_trained_loss(run):
 def test_compact_types_cost_little_and_zeroed_differs(run):
   _, _, result = run
   by_name = {r["storage"]: r for r in result["results"]}
-  assert [r["storage"] for r in result["results"]] == [*storage.STORAGE_TYPES, accuracy.ZEROED]
+  measured = [s for s in storage.STORAGE_TYPES if s != "mxfp8"]
+  assert [r["storage"] for r in result["results"]] == [*measured, accuracy.ZEROED]
+  assert "divisible by 32, got 16" in result["skipped"]["mxfp8"]  # tiny rows are 16 wide
   f32 = by_name["float32"]["val_loss"]
   for name in ("bfloat16", "int8"):
     r = by_name[name]

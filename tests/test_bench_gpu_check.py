@@ -1,9 +1,12 @@
 """bench/gpu_check.py: its smoke path, run in-process on CPU (Pallas interpret mode)."""
 
+import json
+
 import pytest
-from absl import flags
+from absl import app, flags
 
 from bench import gpu_check
+from engram_jax.config import STORAGE_TYPES
 
 
 def test_smoke_flag_runs_the_script(capsys):
@@ -40,3 +43,45 @@ def test_sharded_step_on_every_local_device():
   assert r["impl"] == "tiny on 8 device(s), fsdp=8, tables sharded"  # the 8 simulated devices
   assert r["tokens_per_s_per_device"] > 0 and r["table_mb_exchanged_per_step"] > 0
   assert "tokens/s per device" in gpu_check.format_results([r])
+
+
+def test_decode_and_sharded_lookup_sections():
+  results = gpu_check.run(gpu_check.CheckConfig.smoke(), ["decode_bandwidth", "sharded_lookup"])
+  decode = [r for r in results if r["section"] == "decode_bandwidth"]
+  assert [r["storage"] for r in decode] == [s for s in STORAGE_TYPES for _ in range(3)]
+  fused = [r for r in decode if r["impl"].endswith("pallas fused")]
+  assert len(fused) == 4 and all(r["exact"] is True and r["gb_per_s"] > 0 for r in fused)
+  xla, pallas = [r for r in results if r["section"] == "sharded_lookup"]
+  assert xla["impl"] == "sharded on 8 device(s), xla" and xla["gb_per_s"] > 0
+  assert pallas["impl"] == "sharded on 8 device(s), pallas" and pallas["exact"] is True
+  assert "below goal" in gpu_check.format_results(fused[:1])  # float32 rows have the goal
+  assert "goal" not in gpu_check.format_results(fused[2:3])  # int8 rows do not
+
+
+def test_a_failing_section_is_reported_and_the_run_goes_on(monkeypatch):
+  def broken(config):
+    raise RuntimeError("no such kernel")
+
+  monkeypatch.setitem(gpu_check.SECTIONS, "gather_bandwidth", broken)
+  seen = []
+  results = gpu_check.run(
+    gpu_check.CheckConfig.smoke(), ["gather_bandwidth", "sharded_step"], report=seen.append
+  )
+  assert results[0]["error"] == "RuntimeError: no such kernel"
+  assert results[1]["section"] == "sharded_step" and "error" not in results[1]
+  assert [len(rows) for rows in seen] == [1, 1]  # each section reported when it ended
+  assert "FAILED RuntimeError: no such kernel" in gpu_check.format_results(results)
+
+
+def test_json_is_written_and_never_overwritten(tmp_path, capsys):
+  path = tmp_path / "check.json"
+  flags.FLAGS(["gpu_check", "--smoke", "--sections=sharded_step", f"--json={path}"])
+  try:
+    gpu_check.main([])
+    report = json.loads(path.read_text())
+    assert report["backend"] == "cpu" and report["results"][0]["section"] == "sharded_step"
+    with pytest.raises(app.UsageError, match="exists"):
+      gpu_check.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert json.loads(path.read_text()) == report

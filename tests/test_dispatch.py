@@ -77,6 +77,61 @@ def test_forcing_switches_the_implementation(monkeypatch):
   assert "pallas_call" in _used("auto", table, ids)
 
 
+def _backend_calls(kind, impl):
+  """The primitives of a backend's lookup and (where it trains) update, traced under impl."""
+  from engram_jax import memory, sharding
+  from engram_jax.config import MemoryConfig, MeshConfig, OptimConfig
+
+  mesh = sharding.make_mesh(MeshConfig(data=8)) if kind == "sharded" else None
+  storage = "mxfp8" if kind in ("host", "tiered") else "float32"  # read-only, rows decoded
+  cfg = MemoryConfig(kind=kind, lookup_impl=impl, storage=storage)
+  backend = memory.backend(cfg, mesh, trainable=kind in ("device", "sharded"))
+  rows = np.asarray(_inputs()[0])[:, :16]  # [R, Dh]: whole 32-column blocks need Dh = 32
+  rows = np.concatenate([rows, rows], axis=1)
+  state = backend.build(lambda a, b: rows[a:b], NUM_ROWS, 32)
+  ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % NUM_ROWS  # [B, T] flat row ids
+  if kind == "tiered":
+    state = backend.calibrate(state, [np.asarray(ids)])
+  names = _primitives(jax.make_jaxpr(backend.lookup)(state, ids).jaxpr)
+  if backend.trainable:
+    update = lambda st, i, g: backend.update(st, i, g, 0.1, OptimConfig())
+    grads = jnp.ones((2, 8, 32), jnp.float32)
+    return names, _primitives(jax.make_jaxpr(update)(state, ids, grads).jaxpr)
+  return names, None
+
+
+@pytest.mark.parametrize("kind", ["device", "sharded", "host", "tiered"])
+def test_every_backend_switches_to_the_kernels(kind):
+  for impl, pallas in (("pallas", True), ("xla", False)):
+    lookup, update = _backend_calls(kind, impl)
+    assert ("pallas_call" in lookup) == pallas, (kind, impl)
+    if update is not None:  # the sort-and-sum of the gradients
+      assert ("pallas_call" in update) == pallas, (kind, impl)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8", "mxfp8"])
+def test_gather_and_decode_rows_agree(storage):
+  from engram_jax.memory import storage as storage_lib
+
+  rows = np.asarray(jax.random.normal(jax.random.key(1), (NUM_ROWS, 64)), np.float32) * 9
+  parts = storage_lib.encode(rows, storage)
+  values, scale = jnp.asarray(parts["values"]), parts.get("scale")
+  ids = jnp.asarray([[0, 30, 5], [5, 5, 17]], jnp.int32)  # first and last row, repeats
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got = {
+      impl: dispatch.gather_rows(values, ids, storage, scale, dtype, impl)
+      for impl in ("pallas", "xla")
+    }
+    assert got["pallas"].shape == (2, 3, 64) and got["pallas"].dtype == dtype
+    chex.assert_trees_all_equal(got["pallas"], got["xla"])
+    want = storage_lib.decode(
+      {k: v[np.asarray(ids)] for k, v in parts.items()}, storage, np.float32
+    ).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(got["xla"], np.float32), np.asarray(want, np.float32))
+    packed = dispatch.decode_rows(values, storage, scale, dtype, "pallas")
+    chex.assert_trees_all_equal(packed, dispatch.decode_rows(values, storage, scale, dtype, "xla"))
+
+
 def test_the_memory_config_chooses_the_implementation():
   from engram_jax import memory
   from engram_jax.config import MemoryConfig

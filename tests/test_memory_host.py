@@ -105,10 +105,10 @@ def test_prefetch_returns_the_rows_and_waits_for_updates():
   np.testing.assert_array_equal(table.prefetch(ids).result(), table.rows()[ids])
 
 
-@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
-def test_storage_types_serve_rows_within_their_bounds(kind):
-  rows = base.init_rows(R, DH, 4)
-  table = memory.create("host", num_rows=R, dim=DH, rows=rows, storage=kind)
+@pytest.mark.parametrize(("kind", "dim"), [("bfloat16", DH), ("int8", DH), ("mxfp8", 64)])
+def test_storage_types_serve_rows_within_their_bounds(kind, dim):
+  rows = base.init_rows(R, dim, 4)
+  table = memory.create("host", num_rows=R, dim=dim, rows=rows, storage=kind)
   assert table.state.table.dtype == storage.value_dtype(kind)
   ids = np.arange(R, dtype=np.int32)
   for engine in ("numpy", "jit"):
@@ -116,10 +116,12 @@ def test_storage_types_serve_rows_within_their_bounds(kind):
     got = np.asarray(table.fetch(ids))
     assert got.dtype == np.float32
     assert np.all(np.abs(got - rows) <= storage.error_bound(rows, kind) + 1e-7)
-  if kind == "int8":
-    assert table.stats()["bytes_to_device"] == 2 * R * (DH + 4)  # int8 values + scales crossed
+  # What crossed: int8 values + a float32 scale, e4m3 values + an exponent per 32 columns.
+  per_row = {"bfloat16": 2 * dim, "int8": dim + 4, "mxfp8": dim + dim // 32}[kind]
+  assert table.stats()["bytes_to_device"] == 2 * R * per_row
+  if kind != "bfloat16":
     with pytest.raises(ValueError, match="read-only"):
-      table.apply_gradients(ids, np.zeros((R, DH), np.float32), 0.1, CFG)
+      table.apply_gradients(ids, np.zeros((R, dim), np.float32), 0.1, CFG)
 
 
 def test_options_are_checked():

@@ -89,13 +89,13 @@ class SparseAdamTest(chex.TestCase):
       )
 
 
-def test_dedup_sum():
-  ids = jnp.array([5, 2, 5, 9, 2, 5], jnp.int32)
-  values = jnp.arange(12.0).reshape(6, 2)
-  unique, slot, sums = opt.dedup_sum(ids, values, fill=10)
-  np.testing.assert_array_equal(unique, [2, 5, 9, 10, 10, 10])
-  np.testing.assert_array_equal(unique[slot], ids)
-  want = np.zeros((6, 2), np.float32)
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_dedup_sum(implementation):
+  ids = jnp.array([5, 2, 5, 9, 2, 5, 10], jnp.int32)  # 10 = fill: an empty place
+  values = jnp.arange(14.0).reshape(7, 2)
+  unique, sums = opt.dedup_sum(ids, values, fill=10, implementation=implementation)
+  np.testing.assert_array_equal(unique, [2, 5, 9, 10, 10, 10, 10])
+  want = np.zeros((7, 2), np.float32)  # the fill's sum is zero too
   for i, u in enumerate([2, 5, 9]):
     want[i] = np.asarray(values)[np.asarray(ids) == u].sum(0)
   np.testing.assert_array_equal(sums, want)

@@ -47,6 +47,9 @@ def test_shards_hold_row_ranges(mesh):
     ({"slack": 4.0}, False, False),  # all-to-all, buckets fit
     ({"slack": 4.0}, True, True),  # every id owned by shard 0: the overflow path
     ({"route": "all_gather"}, False, True),
+    # The owners' gathers by the Pallas kernel (interpret mode), on both routes.
+    ({"slack": 4.0, "implementation": "pallas"}, False, False),
+    ({"slack": 4.0, "implementation": "pallas"}, True, True),
   ],
 )
 def test_rows_identical_to_device(mesh, kw, adversarial, overflow):
@@ -93,6 +96,8 @@ def _make_step(lookup, update):
     ({"slack": 4.0}, R, False),
     ({"slack": 4.0}, 126, True),  # every id owned by shard 0: the overflow path via cond
     ({"route": "all_gather"}, R, True),
+    # Gathers and gradient sums by the Pallas kernels (interpret mode).
+    ({"slack": 4.0, "implementation": "pallas"}, R, False),
   ],
 )
 def test_short_training_matches_the_single_device_run(mesh, kw, modulus, overflow):

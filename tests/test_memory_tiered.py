@@ -156,22 +156,23 @@ def test_pure_core_lookup_and_update():
     table.set_state(state._replace(cached_ids=state.cached_ids + 1))
 
 
-def test_disk_tier_is_read_only_and_serves_stored_rows(tmp_path):
-  rows = base.init_rows(R, DH, 4)
-  storage.save_memmap(tmp_path / "table", rows, "int8")
+@pytest.mark.parametrize(("kind", "dim"), [("int8", DH), ("mxfp8", 32)])
+def test_disk_tier_is_read_only_and_serves_stored_rows(tmp_path, kind, dim):
+  rows = base.init_rows(R, dim, 4)
+  storage.save_memmap(tmp_path / "table", rows, kind)
   table = memory.create(
-    "tiered", num_rows=R, dim=DH, disk=tmp_path / "table", cache_rows=30, policy="static"
+    "tiered", num_rows=R, dim=dim, disk=tmp_path / "table", cache_rows=30, policy="static"
   )
   ids = _zipf(np.random.default_rng(4), (40, 3))
   table.calibrate([ids])
-  expected = storage.round_trip(rows, "int8")[ids]
+  expected = storage.round_trip(rows, kind)[ids]
   np.testing.assert_allclose(table.fetch(ids), expected, rtol=1e-6, atol=1e-7)
   assert table.stats()["hit_rate"] > 0.5
   with pytest.raises(ValueError, match="read-only"):
-    table.apply_gradients(ids, np.zeros((*ids.shape, DH), np.float32), 0.1, CFG)
+    table.apply_gradients(ids, np.zeros((*ids.shape, dim), np.float32), 0.1, CFG)
   with pytest.raises(ValueError, match="disk tier"):
     memory.create(
-      "tiered", num_rows=R, dim=DH, disk=tmp_path / "table", cache_rows=3, storage="int8"
+      "tiered", num_rows=R, dim=dim, disk=tmp_path / "table", cache_rows=3, storage=kind
     )
 
 

@@ -8,8 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engram_jax.memory import storage as storage_lib
 from pallas_kernels import common
-from pallas_kernels.gather import gather, gather_reference
+from pallas_kernels.gather import (
+  STORAGES,
+  decode,
+  gather,
+  gather_decode,
+  gather_decode_reference,
+  gather_reference,
+)
 
 # Three heads of 11, 7 and 13 rows: R = 31.
 SIZES = (11, 7, 13)
@@ -109,3 +117,136 @@ def test_gather_lowers_for_gpu(num_rows, width, dtype):
   interpreted = functools.partial(gather, block_rows=16, interpret=True)
   text = jax.jit(interpreted).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" not in text
+
+
+def _stored(storage: str, width: int, seed: int = 0) -> tuple[jax.Array, jax.Array | None]:
+  """A table of NUM_ROWS rows in a storage type, with its edge cases: for 'int8' an all-zero row
+  (scale 0); for 'mxfp8' E8M0 exponents 0, 1, 127, 254 and 255 (NaN) in column block 0 of rows
+  2, 1, 0, 3, 4, and every e4m3 code in the first 8 rows."""
+  rng = np.random.default_rng(seed)
+  rows = rng.standard_normal((NUM_ROWS, width)).astype(np.float32) * 5
+  rows[7] = 0.0
+  parts = storage_lib.encode(rows, storage)
+  values, scale = parts["values"], parts.get("scale")
+  if storage == "mxfp8":
+    values = values.copy()
+    codes = np.arange(256, dtype=np.uint8).view(values.dtype)
+    values.reshape(-1)[: codes.size] = codes  # the first rows hold all 256 codes
+    scale = scale.copy()
+    # rows 0-3 hold codes 0-31, 32-63, 64-95, 96-127: row 2's values (2 to 15) times 2**-127
+    # stay in float32's normal range; row 3 holds 448 and NaN.
+    scale[[2, 1, 0, 3, 4], 0] = [0, 1, 127, 254, 255]
+  return jnp.asarray(values), None if scale is None else jnp.asarray(scale)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_decode_equals_the_references(storage, dtype):
+  width = 64
+  values, scale = _stored(storage, width)
+  ids = jnp.asarray(_ids(13, seed=3))  # N*H = 39: not a multiple of the block; rows 0, R - 1
+  ids = ids.at[2].set(ids[1])  # duplicates
+  fn = jax.jit(functools.partial(gather_decode, storage=storage, dtype=dtype, block_rows=16))
+  with np.errstate(over="ignore"):  # 448 * 2**127 is inf in float32, in both
+    rows = fn(values, ids, OFFSETS, scale=scale)
+    chex.assert_shape(rows, (13, 3, width))
+    assert rows.dtype == dtype
+    ref = gather_decode_reference(values, ids, OFFSETS, storage=storage, scale=scale, dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(rows, np.float32), np.asarray(ref, np.float32))
+    # The library's decoding (memory.storage) of the same stored rows agrees.
+    flat = np.asarray(ids) + OFFSETS[None, :]  # [N, H]
+    parts = {"values": np.asarray(values)[flat]}
+    if scale is not None:
+      parts["scale"] = np.asarray(scale)[flat]
+    want = _flush(storage_lib.decode(parts, storage, np.float32)).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(rows, np.float32), np.asarray(want, np.float32))
+  if storage == "int8":
+    np.testing.assert_array_equal(decode(values, storage=storage, scale=scale)[7], 0.0)
+
+
+def _flush(x: np.ndarray) -> np.ndarray:
+  """NumPy's float32 results with XLA:CPU's rule for values below the normal range (2**-126):
+  XLA flushes them to zero (the kernel in interpret mode and the jnp reference alike)."""
+  return np.where(np.abs(x) < np.float32(2.0**-126), np.float32(0), x)
+
+
+def test_mxfp8_edge_exponents_decode_by_the_formula():
+  values, scale = _stored("mxfp8", 32)
+  with np.errstate(over="ignore"):
+    rows = np.asarray(decode(values, storage="mxfp8", scale=scale))  # [R, 32] float32
+    codes = np.asarray(values).astype(np.float32)  # e4m3 -> float32 (ml_dtypes)
+    for r, e in zip([2, 1, 0, 3], [0, 1, 127, 254], strict=True):
+      want = _flush(codes[r] * np.float32(2.0 ** (e - 127)))
+      np.testing.assert_array_equal(rows[r], want)
+  assert rows[2, 0] == np.float32(2.0**-126)  # code 64 (2.0) at 2**-127
+  assert np.isinf(rows[3]).any() and np.isnan(rows[3, -1])  # 448 * 2**127; code 127 is NaN
+  assert np.isnan(rows[4]).all()  # exponent byte 255 is NaN
+  np.testing.assert_array_equal(rows[0, :8], np.arange(8) * np.float32(2.0**-9))  # subnormal e4m3
+
+
+def test_gather_decode_rejects_bad_storage():
+  values, scale = _stored("int8", 32)
+  ids = jnp.zeros((2, 3), jnp.int32)
+  with pytest.raises(ValueError, match="storage: expected one of"):
+    gather_decode(values, ids, OFFSETS, storage="int4")
+  with pytest.raises(ValueError, match=r"scale: storage 'int8' expects shape \(31,\)"):
+    gather_decode(values, ids, OFFSETS, storage="int8")
+  with pytest.raises(ValueError, match="expects float8_e4m3fn"):
+    gather_decode(values, ids, OFFSETS, storage="mxfp8", scale=scale)
+  with pytest.raises(ValueError, match="has no scale"):
+    gather_decode(values.astype(jnp.float32), ids, OFFSETS, storage="float32", scale=scale)
+  with pytest.raises(ValueError, match="float dtype"):
+    gather(values, ids, OFFSETS)
+
+
+def _specs(storage: str, num_rows: int, width: int, n: int = 13, h: int = 3):
+  values = jax.ShapeDtypeStruct((num_rows, width), storage_lib.value_dtype(storage))
+  scale = {
+    "int8": jax.ShapeDtypeStruct((num_rows,), jnp.float32),
+    "mxfp8": jax.ShapeDtypeStruct((num_rows, width // 32), jnp.float8_e8m0fnu),
+  }.get(storage)
+  ids = jax.ShapeDtypeStruct((n, h), jnp.int32)
+  return values, ids, jax.ShapeDtypeStruct((h,), jnp.int32), scale
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_every_storage_lowers_for_gpu(storage):
+  values, ids, offsets, scale = _specs(storage, 1 << 20, 256)
+
+  def fn(values, ids, offsets, scale):
+    return gather_decode(
+      values, ids, offsets, storage=storage, scale=scale, dtype=jnp.bfloat16, interpret=False
+    )
+
+  lowered = jax.jit(fn).trace(values, ids, offsets, scale).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+def test_the_sharded_backend_lowers_for_gpu_on_8_devices(monkeypatch):
+  """The sharded table's lookup and update, inside shard_map, lowered for CUDA as a GPU host
+  would: the kernels compiled, not interpreted."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from engram_jax.config import OptimConfig
+  from engram_jax.memory import base, sharded
+  from engram_jax.memory.optimizer import TableOptState
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # 'auto' picks the kernels
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  spec = sharded.ShardSpec(mesh, "data", 8 * 4096, slack=2.0, implementation="auto")
+  split = NamedSharding(mesh, P("data", None))
+  table = jax.ShapeDtypeStruct((8 * 4096, 64), jnp.float32, sharding=split)
+  count = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  state = base.TableState(table, TableOptState(table, table, count))
+  ids = jax.ShapeDtypeStruct((8 * 64,), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+  grads = jax.ShapeDtypeStruct((8 * 64, 64), jnp.float32, sharding=split)
+
+  def step(state, ids, grads):
+    rows = sharded.lookup(state, ids, spec)
+    return rows, sharded.update(state, ids, grads, 0.1, OptimConfig(), spec)
+
+  text = jax.jit(step).trace(state, ids, grads).lower(lowering_platforms=("cuda",)).as_text()
+  # The owner's gather on both routes (2), the sender's gradient sums (1) and the owner's on
+  # both routes of the update (2).
+  assert text.count("__gpu$xla.gpu.triton") == 5

@@ -114,7 +114,7 @@ class TrainConfig:
 
 
 MEMORY_KINDS = ("device", "host", "sharded", "tiered")
-STORAGE_TYPES = ("float32", "bfloat16", "int8")
+STORAGE_TYPES = ("float32", "bfloat16", "int8", "mxfp8")
 LOOKUP_IMPLS = ("auto", "pallas", "xla")
 
 

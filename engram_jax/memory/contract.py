@@ -27,7 +27,7 @@ The kinds:
 - 'device': one device's memory (replicated over the mesh, if there is one);
 - 'host': `pinned_host` memory; the step gathers on the host and moves only the fetched rows
   (`memory.host`); the sparse update writes back on the host; rows stored as float32,
-  bfloat16 or int8 (read-only);
+  bfloat16, int8 or mxfp8 (the quantised types read-only);
 - 'sharded': rows split over a mesh axis ('data' in training); ids and rows travel with
   `all_to_all` (`memory.sharded`);
 - 'tiered': as 'host', plus a device cache of the rows the calibration batches read most
@@ -194,7 +194,8 @@ class Backend:
     return self.lookup_with_route(state, row_ids)[0]
 
   def update_with_route(self, state, row_ids, row_grads, lr, adam: OptimConfig):
-    return device.update(state, row_ids, row_grads, lr, adam), jnp.zeros((), bool)
+    state = device.update(state, row_ids, row_grads, lr, adam, self.memory.lookup_impl)
+    return state, jnp.zeros((), bool)
 
   def update(self, state, row_ids, row_grads, lr, adam: OptimConfig):
     return self.update_with_route(state, row_ids, row_grads, lr, adam)[0]
@@ -246,7 +247,7 @@ class Backend:
     if "scale" not in parts:
       return (values if values.dtype == self.dtype else values.astype(self.dtype)), moved
     scale = base.host_fetch(parts["scale"], ids, buffers, target, threads=1)
-    rows = jit_decode({"values": values, "scale": scale}, storage="int8", dtype=self.dtype)
+    rows = jit_decode({"values": values, "scale": scale}, storage=self.storage, dtype=self.dtype)
     return rows, moved
 
   def read_rows(self, state, lower=None) -> np.ndarray:

@@ -72,7 +72,12 @@ def lookup(state: base.TableState, ids: jax.Array, implementation: str = "auto")
 
 
 def update(
-  state: base.TableState, ids: jax.Array, grads: jax.Array, lr, cfg: OptimConfig
+  state: base.TableState,
+  ids: jax.Array,
+  grads: jax.Array,
+  lr,
+  cfg: OptimConfig,
+  implementation: str = "auto",
 ) -> base.TableState:
   """Lazy Adam on the rows `ids` read (pure; jit it with the state donated).
 
@@ -82,6 +87,7 @@ def update(
     grads: [..., Dh] gradient of the loss w.r.t. each fetched row.
     lr: scalar learning rate.
     cfg: Adam's b1, b2, eps.
+    implementation: how repeated ids' gradients are summed (`optimizer.dedup_sum`).
 
   Returns:
     The new state.
@@ -95,5 +101,6 @@ def update(
     grads.reshape(-1, dh),
     lr,
     cfg,  # [..., Dh] -> [N, Dh]
+    implementation,
   )
   return base.TableState(table, opt)

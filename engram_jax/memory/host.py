@@ -1,7 +1,7 @@
 """The `host` backend: the table lives in `pinned_host` memory and never enters device memory.
 
 Only fetched rows cross to the device; the sparse update rewrites the touched rows on the host.
-The table, its moments and (int8 storage) its row scales are jax arrays whose
+The table, its moments and (int8, mxfp8 storage) its scales are jax arrays whose
 `sharding.memory_kind` is 'pinned_host'; a compiled step that takes them keeps them in the host
 memory space (layout `S(5)` in its entry computation).
 
@@ -13,12 +13,13 @@ Pure-functional core, for one jitted train step (all arrays of the state stay on
     state = host.update(state, ids, row_grads, lr, optim_cfg)   # jit with the state donated
 
 `lookup` moves the ids to the host, gathers there (`compute_on` host computation) and returns
-the rows in device memory. `update` deduplicates ids and sums their gradients on the device
-(N rows), gathers the touched rows and moments from the host, runs
-`optimizer.sparse_adam_update` on that compact [N, Dh] slice (so the result is bitwise that of
-the `device` backend) and scatters the new rows back on the host in place. Prefetch inside one
-jit: the lookup depends only on the ids, so XLA may start it (and its host-to-device copy)
-before the layers in front of the Engram layer; nothing forces the order.
+the rows in device memory, still packed in their storage type; the device decodes them
+(`dispatch.decode_rows`: the Pallas decoding kernel on a GPU). `update` deduplicates ids and
+sums their gradients on the device (N rows), gathers the touched rows and moments from the
+host, runs `optimizer.sparse_adam_update` on that compact [N, Dh] slice (so the result is
+bitwise that of the `device` backend) and scatters the new rows back on the host in place.
+Prefetch inside one jit: the lookup depends only on the ids, so XLA may start it (and its
+host-to-device copy) before the layers in front of the Engram layer; nothing forces the order.
 
 Two-stage dispatch (what the table object of `memory.create('host', ...)` does on a CPU
 client, measured faster there; see docs/memory.md): outside jit, `rows = table.fetch(ids)`
@@ -42,7 +43,7 @@ from jax.experimental import compute_on as _compute_on
 from jax.sharding import SingleDeviceSharding
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, contract
+from engram_jax.memory import base, contract, dispatch
 from engram_jax.memory import storage as storage_lib
 from engram_jax.memory.base import TableState
 from engram_jax.memory.optimizer import TableOptState, dedup, sparse_adam_update
@@ -66,9 +67,10 @@ class HostState(NamedTuple):
   """A host-resident table (every array in `pinned_host` memory).
 
   Attributes:
-    table: [R, Dh] stored values (float32, bfloat16 or int8).
-    scale: [R] float32 row scales for int8 values, else None.
-    opt: `TableOptState` moments (None when read-only; int8 tables are read-only).
+    table: [R, Dh] stored values (float32, bfloat16, int8 or float8_e4m3fn).
+    scale: [R] float32 row scales of int8 values, [R, Dh/32] E8M0 exponent bytes of mxfp8
+      values, else None.
+    opt: `TableOptState` moments (None when read-only; quantised tables are read-only).
   """
 
   table: jax.Array
@@ -92,7 +94,7 @@ def init(
   parts = storage_lib.encode(np.asarray(rows), storage_type)
   table = jax.device_put(parts["values"], sharding)
   scale = jax.device_put(parts["scale"], sharding) if "scale" in parts else None
-  if not trainable or storage_type == "int8":
+  if not trainable or storage_type in storage_lib.SCALED:
     return HostState(table, scale, None)
   zeros = lambda: jax.device_put(np.zeros(table.shape, np.float32), sharding)
   return HostState(table, None, TableOptState(zeros(), zeros(), jnp.int32(0)))
@@ -116,16 +118,29 @@ def _host_put(arrays, ids, values):
   return [jax.device_put(x, HOST) for x in out]
 
 
-def lookup(state: HostState, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Rows of flat row ids, gathered on the host (pure; jit it). ids [...] -> [..., Dh]."""
+def lookup(
+  state: HostState, ids: jax.Array, dtype=jnp.float32, implementation: str = "auto"
+) -> jax.Array:
+  """Rows of flat row ids, gathered on the host and decoded on the device (pure; jit it).
+
+  Args:
+    state: the host table.
+    ids: [...] flat row ids (clamped to [0, R)).
+    dtype: the rows' dtype.
+    implementation: the device decoding, 'pallas', 'xla' or 'auto' (`memory.dispatch`).
+
+  Returns:
+    [..., Dh] rows in device memory.
+  """
   r, dh = state.table.shape
   flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   if state.scale is None:
     (values,) = _host_take([state.table], flat)
-    rows = values.astype(dtype)
+    scale = None
   else:
     values, scale = _host_take([state.table, state.scale], flat)
-    rows = storage_lib.decode({"values": values, "scale": scale}, "int8", dtype)
+  storage = storage_lib.storage_of(values.dtype)
+  rows = dispatch.decode_rows(values, storage, scale, dtype, implementation)  # [N, Dh]
   return rows.reshape(*jnp.shape(ids), dh)  # [N, Dh] -> [..., Dh]
 
 
@@ -134,7 +149,7 @@ def update_rows(state: HostState, ids, grads, lr, cfg: OptimConfig):
   new values of those rows in the table's dtype), for a cache above the table to write
   through."""
   if state.opt is None:
-    raise ValueError("update: this host table is read-only (no moments, or int8 storage)")
+    raise ValueError("update: this host table is read-only (no moments, or quantised storage)")
   r, dh = state.table.shape
   flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   n = flat.shape[0]
@@ -172,7 +187,7 @@ def update(state: HostState, ids, grads, lr, cfg: OptimConfig) -> HostState:
   return update_rows(state, ids, grads, lr, cfg)[0]
 
 
-jit_lookup = jax.jit(lookup, static_argnames="dtype")
+jit_lookup = jax.jit(lookup, static_argnames=("dtype", "implementation"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +205,10 @@ class HostBackend(contract.Backend):
         "table over several devices"
       )
     storage_lib.check_storage(self.storage)
-    if self.trainable and self.storage == "int8":
-      raise ValueError("storage='int8' is read-only: train with 'float32' or 'bfloat16' rows")
+    if self.trainable and self.storage in storage_lib.SCALED:
+      raise ValueError(
+        f"storage={self.storage!r} is read-only: train with 'float32' or 'bfloat16' rows"
+      )
 
   def init(self, rows):
     r = rows.shape[0]
@@ -231,14 +248,17 @@ class HostBackend(contract.Backend):
     return self._place_lower(state)
 
   def lookup_with_route(self, state, row_ids):
-    return lookup(state, row_ids, jnp.dtype(self.dtype)), jnp.zeros((), bool)
+    rows = lookup(state, row_ids, jnp.dtype(self.dtype), self.memory.lookup_impl)
+    return rows, jnp.zeros((), bool)
 
   def update_with_route(self, state, row_ids, row_grads, lr, adam):
     return update(state, row_ids, row_grads, lr, adam), jnp.zeros((), bool)
 
   def persistent(self, state) -> TableState:
     if state.scale is not None:
-      raise ValueError("persistent: an int8 table is a serving copy; checkpoints hold float32")
+      raise ValueError(
+        f"persistent: a {self.storage} table is a serving copy; checkpoints hold float rows"
+      )
     return TableState(state.table, state.opt)
 
   def from_persistent(self, persistent: TableState):

@@ -104,7 +104,7 @@ class Table(base.MemoryTable):
       self._lower, storage = storage_lib.open_memmap(disk)
       if self._lower["values"].shape != (num_rows, dim):
         raise ValueError(f"disk: table {self._lower['values'].shape}, expected {(num_rows, dim)}")
-    fields["trainable"] = trainable and storage != "int8" and disk is None
+    fields["trainable"] = trainable and storage not in storage_lib.SCALED and disk is None
     if cls is backends.ShardedBackend:
       if mesh is None:
         mesh = jax.make_mesh((jax.device_count(),), ("table",), axis_types=(AxisType.Auto,))
@@ -209,7 +209,7 @@ class Table(base.MemoryTable):
     base.check_grads(ids, grads, self.dim)
     if not self.trainable:
       raise ValueError(
-        f"apply_gradients: this {self.kind} table is read-only (trainable=False, int8 storage "
+        f"apply_gradients: this {self.kind} table is read-only (trainable=False, quantised storage "
         "or a disk tier)"
       )
     for future in self._pending:

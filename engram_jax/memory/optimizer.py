@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax.config import OptimConfig
+from engram_jax.memory.dispatch import resolve_implementation
+from pallas_kernels.scatter_add import sparse_row_grads
 
 
 def dedup(ids: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
@@ -35,22 +37,40 @@ def dedup(ids: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
   return unique, slot.reshape(n)
 
 
-def dedup_sum(ids: jax.Array, values: jax.Array, fill: int):
-  """`dedup`, plus the float32 sum of the values of each distinct id.
+def dedup_sum(ids: jax.Array, values: jax.Array, fill: int, implementation: str = "auto"):
+  """The distinct ids and the float32 sum of the values of each.
+
+  'xla': `dedup` plus `segment_sum`, a scatter-add (on a GPU its atomics add in whatever order
+  the threads arrive, so the float sums vary from run to run). 'pallas': the sort-and-sum kernel
+  `pallas_kernels.sparse_row_grads`, which sums each id's values in their order (bitwise
+  reproducible). 'auto' is Pallas on a GPU (`memory.dispatch.resolve_implementation`).
 
   Args:
-    ids: [N] integer ids.
+    ids: [N] integer ids in [0, fill] (`fill` marks an empty place; it is never merged with a
+      real id and the update's scatters drop it).
     values: [N, Dh] one row per id (e.g. the gradients of the fetched rows).
     fill: the padding id.
+    implementation: 'pallas', 'xla' or 'auto'.
 
   Returns:
-    (unique [N], slot [N], sums [N, Dh]: row i sums the values of the ids equal to unique[i];
-    padding rows are zero).
+    (unique [N] ascending distinct ids padded with `fill`, sums [N, Dh]: row i sums the values
+    of the ids equal to unique[i]; padding rows are zero).
   """
-  unique, slot = dedup(ids, fill)
-  n = ids.shape[0]
-  sums = jax.ops.segment_sum(values.astype(jnp.float32), slot, num_segments=n)  # [N, Dh]
-  return unique, slot, sums
+  n, dh = values.shape
+  if resolve_implementation(implementation) == "xla":
+    unique, slot = dedup(ids, fill)
+    sums = jax.ops.segment_sum(values.astype(jnp.float32), slot, num_segments=n)  # [N, Dh]
+    return unique, jnp.where((unique < fill)[:, None], sums, 0)
+  # One head at offset 0 over fill + 1 rows: `fill` is a row of its own.
+  got = sparse_row_grads(
+    values.reshape(n, 1, dh),  # [N, Dh] -> [N, 1, Dh]
+    ids.reshape(n, 1),
+    jnp.zeros((1,), jnp.int32),
+    fill + 1,
+    dtype=jnp.float32,
+  )
+  unique = jnp.minimum(got.rows, fill)  # unused slots (fill + 1) -> fill
+  return unique, jnp.where((unique < fill)[:, None], got.grads, 0)
 
 
 class TableOptState(NamedTuple):
@@ -80,6 +100,7 @@ def sparse_adam_update(
   row_grads: jax.Array,
   lr,
   cfg: OptimConfig,
+  implementation: str = "auto",
 ) -> tuple[jax.Array, TableOptState]:
   """Adam on the rows that were read; every other row and its moments stay as they are.
 
@@ -93,6 +114,7 @@ def sparse_adam_update(
     row_grads: [N, Dh] gradient of the loss w.r.t. each fetched row.
     lr: scalar learning rate (the backbone's schedule times `cfg.engram_lr_mult`).
     cfg: supplies adam_b1, adam_b2, adam_eps.
+    implementation: how the gradients of repeated ids are summed (`dedup_sum`).
 
   Returns:
     (the updated table [R, Dh] in its dtype, the new state).
@@ -103,7 +125,7 @@ def sparse_adam_update(
     raise ValueError(f"row_grads: expected shape {(n, dh)}, got {row_grads.shape}")
   # [N] -> [N] sorted unique ids padded with R (out of range, so the scatters drop them);
   # [N, Dh] -> [N, Dh]: a row read several times gets the sum of its gradients.
-  unique, _, g = dedup_sum(row_ids, row_grads, r)
+  unique, g = dedup_sum(row_ids, row_grads, r, implementation)
 
   count = state.count + 1
   b1, b2 = cfg.adam_b1, cfg.adam_b2

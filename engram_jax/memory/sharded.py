@@ -47,7 +47,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, contract
+from engram_jax.memory import base, contract, dispatch
 from engram_jax.memory.optimizer import (
   TableOptState,
   dedup,
@@ -57,6 +57,9 @@ from engram_jax.memory.optimizer import (
 )
 
 ROUTES = ("all_to_all", "all_gather")
+# The Pallas kernels' outputs carry no varying-axes annotation, which shard_map's type check
+# requires; nothing here is differentiated through the shard_map, so the check is off.
+_CHECK_VMA = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,9 @@ class ShardSpec:
     num_rows: R, the table's rows before padding.
     slack: bucket capacity relative to an even split of a device's ids over the owners.
     route: 'all_to_all' (with the overflow path) or 'all_gather' (the overflow path always).
+    implementation: each owner's gather of its rows and the summing of the gradients of an
+      update: 'pallas' (the fused gather kernel, the sort-and-sum kernel), 'xla' or 'auto'
+      (`memory.dispatch`).
   """
 
   mesh: Mesh
@@ -77,6 +83,7 @@ class ShardSpec:
   num_rows: int
   slack: float = 2.0
   route: str = "all_to_all"
+  implementation: str = "auto"
 
   def __post_init__(self):
     if not set(self.axes) <= set(self.mesh.axis_names) or not self.axes:
@@ -152,11 +159,11 @@ def _all_to_all(x, axis):
   return lax.all_to_all(x, axis, 0, 0, tiled=True)  # [P, Cb, ...] -> [P, Cb, ...]
 
 
-def _rows_all_to_all(table, plan, axis):
+def _rows_all_to_all(table, plan, spec: ShardSpec):
   _, _, owner, pos, send, _ = plan
-  recv = _all_to_all(send, axis)  # recv[p]: local rows device p asks this device for
-  rows = jnp.take(table, recv, axis=0, mode="clip")  # [P, Cb] -> [P, Cb, Dh]
-  back = _all_to_all(rows, axis)  # back[d]: the rows owner d sent back
+  recv = _all_to_all(send, spec.axis)  # recv[p]: local rows device p asks this device for
+  rows = dispatch.gather_rows(table, recv, implementation=spec.implementation)  # [P, Cb, Dh]
+  back = _all_to_all(rows, spec.axis)  # back[d]: the rows owner d sent back
   s, c = send.shape
   return back[jnp.minimum(owner, s - 1), jnp.minimum(pos, c - 1)]  # [n, Dh] per unique id
 
@@ -167,7 +174,8 @@ def _rows_all_gather(table, plan, spec: ShardSpec):
   me = lax.axis_index(axis)
   every = lax.all_gather(unique, axis)  # [n] -> [P, n]
   mine = (every // rs) == me
-  rows = jnp.take(table, every - me * rs, axis=0, mode="clip")  # [P, n] -> [P, n, Dh]
+  # [P, n] -> [P, n, Dh]
+  rows = dispatch.gather_rows(table, every - me * rs, implementation=spec.implementation)
   rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
   # Each id has one owner, so the sum adds zeros to one row: exact.
   return lax.psum_scatter(rows, axis, scatter_dimension=0)  # [P, n, Dh] -> [n, Dh]
@@ -186,7 +194,7 @@ def _local_lookup(table, ids, spec: ShardSpec):
   rows, overflow = _choose(
     spec,
     plan[5],
-    lambda: _rows_all_to_all(table, plan, spec.axis),
+    lambda: _rows_all_to_all(table, plan, spec),
     lambda: _rows_all_gather(table, plan, spec),
   )
   return rows[plan[1]], overflow[None]  # [n, Dh] per unique id -> [n, Dh] per id
@@ -196,8 +204,8 @@ def _local_update(table, opt, ids, grads, lr, cfg, spec: ShardSpec):
   n, dh = grads.shape
   s, rs = spec.shards, spec.rows_per_shard
   # [n] ids, [n, Dh] grads -> distinct ids and the summed gradient of each
-  unique, inverse, summed = dedup_sum(ids, grads, s * rs)
-  _, _, owner, pos, send, overflow = _plan(unique, inverse, spec, spec.capacity(n))
+  unique, summed = dedup_sum(ids, grads, s * rs, spec.implementation)
+  _, _, owner, pos, send, overflow = _plan(unique, None, spec, spec.capacity(n))
 
   def fast():
     recv_ids = _all_to_all(send, spec.axis).reshape(-1)  # [P, Cb] -> [P * Cb] local rows
@@ -206,14 +214,14 @@ def _local_update(table, opt, ids, grads, lr, cfg, spec: ShardSpec):
     )  # [P, Cb, Dh]
     recv = _all_to_all(payload, spec.axis).reshape(-1, dh)  # [P, Cb, Dh] -> [P * Cb, Dh]
     # Row Rs (the empty-place marker) is past this shard's rows, so the update drops it.
-    return sparse_adam_update(table, opt, recv_ids, recv, lr, cfg)
+    return sparse_adam_update(table, opt, recv_ids, recv, lr, cfg, spec.implementation)
 
   def slow():
     me = lax.axis_index(spec.axis)
     every = lax.all_gather(unique, spec.axis).reshape(-1)  # [P, n] -> [P * n]
     local = jnp.where(every // rs == me, every - me * rs, rs).astype(jnp.int32)
     every_grads = lax.all_gather(summed, spec.axis).reshape(-1, dh)  # [P * n, Dh]
-    return sparse_adam_update(table, opt, local, every_grads, lr, cfg)
+    return sparse_adam_update(table, opt, local, every_grads, lr, cfg, spec.implementation)
 
   (table, opt), overflow = _choose(spec, overflow, fast, slow)
   return table, opt, overflow[None]
@@ -240,6 +248,7 @@ def lookup_with_route(state: base.TableState, ids, spec: ShardSpec):
     mesh=spec.mesh,
     in_specs=(P(spec.axis, None), P(spec.axis)),
     out_specs=(P(spec.axis), P(spec.axis)),
+    check_vma=_CHECK_VMA,
   )
   rows, overflow = mapped(state.table, _flat(ids, spec))
   # [N, Dh] -> [..., Dh], split over the axis along the leading axis like the ids.
@@ -263,6 +272,7 @@ def update_with_route(state: base.TableState, ids, grads, lr, cfg: OptimConfig, 
     mesh=spec.mesh,
     in_specs=(P(spec.axis, None), opt_specs, P(spec.axis), P(spec.axis, None), P()),
     out_specs=(P(spec.axis, None), opt_specs, P(spec.axis)),
+    check_vma=_CHECK_VMA,
   )
   grads = constrain(jnp.asarray(grads).reshape(-1, dh), spec, P(spec.axis, None))  # [N, Dh]
   table, opt, overflow = mapped(
@@ -360,7 +370,9 @@ class ShardedBackend(contract.Backend):
     return base.padded_rows(num_rows, math.lcm(contract.ROW_ALIGN, self.shards))
 
   def _spec(self, num_rows: int) -> ShardSpec:
-    return ShardSpec(self.mesh, self.axis, num_rows, self.slack, self.route)
+    return ShardSpec(
+      self.mesh, self.axis, num_rows, self.slack, self.route, self.memory.lookup_impl
+    )
 
   def build(self, rows_fn, num_rows, dim):
     padded = self.padded_rows(num_rows)

@@ -1,4 +1,4 @@
-"""Row storage types of the host and disk tiers: float32, bfloat16, int8 with a per-row scale.
+"""Row storage types of the host and disk tiers: float32, bfloat16, int8, MXFP8.
 
 A table kept off the accelerator can be stored more compactly than the rows the model reads:
 
@@ -8,13 +8,24 @@ A table kept off the accelerator can be stored more compactly than the rows the 
 - 'int8': a quarter of the bytes plus one float32 scale per row. Symmetric per-row quantisation:
   scale = max|row| / 127, q = round(row / scale); the round-trip error of every element is at
   most scale / 2 = max|row| / 254. An all-zero row gets scale 0 and stays exactly zero.
+- 'mxfp8': the released DeepSeek-V4.1 format, a little over a quarter of the bytes: float8_e4m3fn
+  values with one E8M0 exponent byte per 32 columns (`MX_BLOCK`), the byte e standing for
+  2 ** (e - 127) (0 is 2**-127, 255 is NaN). Encoding picks e = 127 + ceil(log2(amax / 448))
+  per block (448 is e4m3's largest value; an all-zero block gets e = 127) and rounds
+  value / 2 ** (e - 127) to the nearest e4m3 value (ties to even). Each element keeps 4
+  significant bits: the round-trip error of x is at most |x| * 2**-4, or half of e4m3's smallest
+  step (2**-10 times the block's scale) below its normal range.
+
+The quantised types ('int8', 'mxfp8': `SCALED`) are serving copies, read-only. The decoding on
+an accelerator is one fused kernel with the gather (`pallas_kernels.gather.gather_decode`); the
+functions here are its plain reference and the host tiers' NumPy path.
 
 `encode` / `decode` work on NumPy arrays (host tiers) and on jax arrays (inside a jitted
 fetch), each with its own array module. `round_trip(table, storage)` converts a table to a
 storage type and back: evaluate a model with the round-tripped tables to measure the accuracy
 cost of a storage type. `save_memmap` / `open_memmap` write and map the disk tier.
 
-Shapes: R rows, Dh row width; `...` any leading axes.
+Shapes: R rows, Dh row width, Dh/32 E8M0 exponents of an 'mxfp8' row; `...` any leading axes.
 """
 
 from __future__ import annotations
@@ -23,11 +34,15 @@ import json
 import pathlib
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from engram_jax.config import STORAGE_TYPES
 
 _INT8_MAX = 127.0
+_E4M3_MAX = 448.0
+MX_BLOCK = 32
+SCALED = ("int8", "mxfp8")
 
 
 def check_storage(storage: str) -> str:
@@ -40,12 +55,36 @@ def check_storage(storage: str) -> str:
 def value_dtype(storage: str) -> np.dtype:
   """The dtype of the stored values of a storage type."""
   check_storage(storage)
-  return np.dtype({"float32": np.float32, "bfloat16": jnp.bfloat16, "int8": np.int8}[storage])
+  return np.dtype(
+    {
+      "float32": np.float32,
+      "bfloat16": jnp.bfloat16,
+      "int8": np.int8,
+      "mxfp8": ml_dtypes.float8_e4m3fn,
+    }[storage]
+  )
+
+
+def storage_of(values_dtype) -> str:
+  """The storage type whose stored values have this dtype (a float table: 'float32')."""
+  dtype = np.dtype(values_dtype)
+  if dtype == np.int8:
+    return "int8"
+  if dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+    return "mxfp8"
+  return "float32"
+
+
+def check_width(storage: str, dim: int) -> None:
+  """Raises ValueError where a row width cannot be stored in a storage type."""
+  if storage == "mxfp8" and dim % MX_BLOCK:
+    raise ValueError(f"storage 'mxfp8': expected a row width divisible by {MX_BLOCK}, got {dim}")
 
 
 def row_bytes(storage: str, dim: int) -> int:
-  """Bytes one row of width `dim` occupies (values plus the int8 scale)."""
-  return dim * value_dtype(storage).itemsize + (4 if storage == "int8" else 0)
+  """Bytes one row of width `dim` occupies (values plus the int8 scale or E8M0 exponents)."""
+  extra = {"int8": 4, "mxfp8": dim // MX_BLOCK}.get(storage, 0)
+  return dim * value_dtype(storage).itemsize + extra
 
 
 def _xp(x):
@@ -60,11 +99,14 @@ def encode(rows, storage: str) -> dict:
     storage: one of `STORAGE_TYPES`.
 
   Returns:
-    {"values": [..., Dh] in `value_dtype(storage)`} plus, for 'int8', {"scale": [...] float32};
-    NumPy arrays for NumPy input, jax arrays otherwise.
+    {"values": [..., Dh] in `value_dtype(storage)`} plus, for 'int8', {"scale": [...] float32},
+    for 'mxfp8', {"scale": [..., Dh/32] uint8 E8M0 exponents}; NumPy arrays for NumPy input,
+    jax arrays otherwise.
   """
   check_storage(storage)
   xp = _xp(rows)
+  if storage == "mxfp8":
+    return _encode_mxfp8(xp, rows)
   if storage != "int8":
     return {"values": xp.asarray(rows, dtype=value_dtype(storage))}  # no copy if already so
   rows = rows.astype(np.float32)
@@ -72,6 +114,32 @@ def encode(rows, storage: str) -> dict:
   safe = xp.where(scale > 0, scale, np.float32(1))
   q = xp.clip(xp.round(rows / safe[..., None]), -_INT8_MAX, _INT8_MAX)  # [..., Dh]
   return {"values": q.astype(np.int8), "scale": scale.astype(np.float32)}
+
+
+def _encode_mxfp8(xp, rows) -> dict:
+  *lead, dh = rows.shape
+  check_width("mxfp8", dh)
+  blocks = rows.astype(np.float32).reshape(*lead, dh // MX_BLOCK, MX_BLOCK)  # [..., Dh/32, 32]
+  amax = xp.max(xp.abs(blocks), axis=-1)  # [..., Dh/32]
+  # log2 of the block's amax over 448, rounded up: the smallest power of two that fits it.
+  power = xp.ceil(xp.log2(xp.where(amax > 0, amax, _E4M3_MAX) / np.float32(_E4M3_MAX)))
+  exponent = xp.clip(power + 127, 0, 254).astype(np.int32)  # [..., Dh/32]
+  scaled = _times_e8m0(xp, blocks, 254 - exponent[..., None])  # / 2 ** (e - 127): exact
+  codes = xp.clip(scaled, -_E4M3_MAX, _E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+  return {"values": codes.reshape(*lead, dh), "scale": exponent.astype(np.uint8)}
+
+
+def _times_e8m0(xp, x, exponent):
+  """x * 2 ** (e - 127) for E8M0 bytes e (255: NaN), float32.
+
+  The power is applied as two factors of about 2 ** ((e - 127) / 2), each a normal float32: a
+  single factor 2**-127 is below float32's normal range, and XLA flushes such values to zero.
+  """
+  k = exponent.astype(np.int32) - 127
+  half = k // 2
+  one = np.float32(1)
+  out = x * xp.ldexp(one, half).astype(np.float32) * xp.ldexp(one, k - half).astype(np.float32)
+  return xp.where(k == 128, np.float32(np.nan), out)
 
 
 def decode(parts: dict, storage: str, dtype=np.float32):
@@ -87,8 +155,15 @@ def decode(parts: dict, storage: str, dtype=np.float32):
   """
   check_storage(storage)
   values = parts["values"]
+  xp = _xp(values)
+  if storage == "mxfp8":
+    *lead, dh = values.shape
+    blocks = values.astype(np.float32).reshape(*lead, dh // MX_BLOCK, MX_BLOCK)
+    # [..., Dh/32, 32] * [..., Dh/32, 1] -> [..., Dh]
+    decoded = _times_e8m0(xp, blocks, parts["scale"][..., None])  # [..., Dh/32, 32]
+    return decoded.reshape(*lead, dh).astype(dtype)
   if storage != "int8":
-    return _xp(values).asarray(values, dtype=dtype)  # no copy if already in `dtype`
+    return xp.asarray(values, dtype=dtype)  # no copy if already in `dtype`
   # [..., Dh] * [..., 1]
   return (values.astype(np.float32) * parts["scale"][..., None]).astype(dtype)
 
@@ -130,7 +205,8 @@ def error_bound(rows, storage: str):
   """The largest round-trip error each element of `rows` may have (same shape as `rows`).
 
   float32: 0; bfloat16: |x| * 2**-8 (half a unit in the 8th significant bit); int8:
-  max|row| / 254 (half a quantisation step).
+  max|row| / 254 (half a quantisation step); mxfp8: |x| * 2**-4 plus half of e4m3's smallest
+  step at the block's scale (2**-10 * scale).
   """
   check_storage(storage)
   xp = _xp(rows)
@@ -139,6 +215,10 @@ def error_bound(rows, storage: str):
     return xp.zeros_like(rows)
   if storage == "bfloat16":
     return xp.abs(rows) * np.float32(2.0**-8)
+  if storage == "mxfp8":
+    exponent = _encode_mxfp8(xp, rows)["scale"]  # [..., Dh/32]
+    floor = xp.repeat(_times_e8m0(xp, np.float32(2.0**-10), exponent), MX_BLOCK, axis=-1)
+    return xp.abs(rows) * np.float32(2.0**-4) + floor
   amax = xp.max(xp.abs(rows), axis=-1, keepdims=True)  # [..., Dh] -> [..., 1]
   return xp.broadcast_to(amax / np.float32(2 * _INT8_MAX), rows.shape)
 
@@ -147,7 +227,7 @@ def save_memmap(directory, table, storage: str, chunk_rows: int = 1 << 20) -> pa
   """Writes a table to disk in a storage type, for the read-only disk tier.
 
   Args:
-    directory: a new or empty directory; gets `values.npy`, `scale.npy` (int8) and
+    directory: a new or empty directory; gets `values.npy`, `scale.npy` (int8, mxfp8) and
       `storage.json`.
     table: [R, Dh] float rows (NumPy, jax, or a NumPy memmap), written in chunks.
     storage: one of `STORAGE_TYPES`.
@@ -159,15 +239,18 @@ def save_memmap(directory, table, storage: str, chunk_rows: int = 1 << 20) -> pa
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   r, dh = table.shape
-  # .npy has no bfloat16: its bits are stored as uint16 and viewed back by `open_memmap`.
-  disk_dtype = np.uint16 if storage == "bfloat16" else value_dtype(storage)
+  check_width(storage, dh)
+  disk_dtype = _disk_dtype(storage)
   values = np.lib.format.open_memmap(
     directory / "values.npy", mode="w+", dtype=disk_dtype, shape=(r, dh)
   )
   scale = None
-  if storage == "int8":
+  if storage in SCALED:
+    scale_dtype, scale_shape = (
+      (np.float32, (r,)) if storage == "int8" else (np.uint8, (r, dh // MX_BLOCK))
+    )
     scale = np.lib.format.open_memmap(
-      directory / "scale.npy", mode="w+", dtype=np.float32, shape=(r,)
+      directory / "scale.npy", mode="w+", dtype=scale_dtype, shape=scale_shape
     )
   for start in range(0, r, chunk_rows):
     parts = encode(np.asarray(table[start : start + chunk_rows]), storage)
@@ -181,13 +264,19 @@ def save_memmap(directory, table, storage: str, chunk_rows: int = 1 << 20) -> pa
   return directory
 
 
+def _disk_dtype(storage: str) -> np.dtype:
+  """.npy has no bfloat16 or float8: their bits are stored as unsigned integers of the same
+  width and viewed back by `open_memmap`."""
+  return np.dtype({"bfloat16": np.uint16, "mxfp8": np.uint8}.get(storage, value_dtype(storage)))
+
+
 def open_memmap(directory) -> tuple[dict, str]:
   """Maps a table written by `save_memmap` read-only: ({"values", ["scale"]}, storage)."""
   directory = pathlib.Path(directory)
   meta = json.loads((directory / "storage.json").read_text())
   storage = check_storage(meta["storage"])
   parts = {"values": np.load(directory / "values.npy", mmap_mode="r").view(value_dtype(storage))}
-  if storage == "int8":
+  if storage in SCALED:
     parts["scale"] = np.load(directory / "scale.npy", mmap_mode="r")
   if list(parts["values"].shape) != meta["shape"]:
     raise ValueError(f"{directory}: values shape {parts['values'].shape} != {meta['shape']}")

@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, contract, host
+from engram_jax.memory import base, contract, dispatch, host
 from engram_jax.memory import storage as storage_lib
 from engram_jax.memory.base import TableState
 from engram_jax.memory.optimizer import dedup
@@ -74,7 +74,7 @@ def _probe(cached_ids, flat):
 
 
 def lookup_with_route(
-  state: TieredState, ids, miss_capacity: int, dtype=jnp.float32
+  state: TieredState, ids, miss_capacity: int, dtype=jnp.float32, implementation: str = "auto"
 ) -> tuple[jax.Array, jax.Array]:
   """Rows of flat row ids: hits from the cache, misses gathered on the host (pure; jit it).
 
@@ -87,6 +87,8 @@ def lookup_with_route(
     ids: [...] flat row ids (clamped to [0, R)).
     miss_capacity: U, distinct missed rows moved per call before the fallback.
     dtype: the rows' dtype.
+    implementation: the device gathers (the cache's hits, the misses' places) and the decoding
+      of the missed rows: 'pallas', 'xla' or 'auto' (`memory.dispatch`).
 
   Returns:
     ([..., Dh] rows, bool scalar: True where the fallback moved every id).
@@ -103,19 +105,23 @@ def lookup_with_route(
   distinct = jnp.sum(unique < r)
 
   def few():
-    rows = host.lookup(state.lower, compact, dtype)  # [U, Dh]
-    return jnp.take(rows, jnp.clip(slot, 0, miss_capacity - 1), axis=0)  # [U, Dh] -> [N, Dh]
+    rows = host.lookup(state.lower, compact, dtype, implementation)  # [U, Dh]
+    # [U, Dh] -> [N, Dh]
+    return dispatch.gather_rows(rows, slot, implementation=implementation)
 
-  many = lambda: host.lookup(state.lower, flat, dtype)  # [N, Dh]
+  many = lambda: host.lookup(state.lower, flat, dtype, implementation)  # [N, Dh]
   overflow = distinct > miss_capacity
   misses = lax.cond(overflow, many, few)
-  rows = jnp.where(hit[:, None], state.cache[pos].astype(dtype), misses)  # [N, Dh]
+  hits = dispatch.gather_rows(state.cache, pos, dtype=dtype, implementation=implementation)
+  rows = jnp.where(hit[:, None], hits, misses)  # [N, Dh]
   return rows.reshape(*jnp.shape(ids), dh), overflow  # [N, Dh] -> [..., Dh]
 
 
-def lookup(state: TieredState, ids, miss_capacity: int, dtype=jnp.float32) -> jax.Array:
+def lookup(
+  state: TieredState, ids, miss_capacity: int, dtype=jnp.float32, implementation: str = "auto"
+) -> jax.Array:
   """`lookup_with_route` without the route: [...] ids -> [..., Dh] rows."""
-  return lookup_with_route(state, ids, miss_capacity, dtype)[0]
+  return lookup_with_route(state, ids, miss_capacity, dtype, implementation)[0]
 
 
 def update(state: TieredState, ids, grads, lr, cfg: OptimConfig) -> TieredState:
@@ -241,8 +247,10 @@ class TieredBackend(host.HostBackend):
     return max(256, int(np.prod(jnp.shape(row_ids))) // 4)
 
   def lookup_with_route(self, state, row_ids):
-    dtype = jnp.dtype(self.dtype)
-    return lookup_with_route(state, row_ids, self._miss_capacity(row_ids), dtype)
+    capacity = self._miss_capacity(row_ids)
+    return lookup_with_route(
+      state, row_ids, capacity, jnp.dtype(self.dtype), self.memory.lookup_impl
+    )
 
   def update_with_route(self, state, row_ids, row_grads, lr, adam):
     return update(state, row_ids, row_grads, lr, adam), jnp.zeros((), bool)
