@@ -27,7 +27,9 @@ def _losses(path):
 def test_two_processes_train_like_one(tiny_run, tmp_path):
   ref_dir, corpus, ref = tiny_run
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # One device per process; the suite's other XLA flags (tests/conftest.py) stay.
+  flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   workdir = tmp_path / "multi"
   command = [
     sys.executable, "-m", "experiments.train", "--preset=tiny", f"--workdir={workdir}",
