@@ -48,3 +48,25 @@ def test_quickstart_script():
   r = _run("experiments.quickstart")
   assert r.returncode == 0, r.stderr
   assert "Ġ" not in r.stdout and " horse" in r.stdout
+
+
+def test_v41_engram_script(tmp_path):
+  v41 = [
+    "--config=tests/data/v41/config.json",
+    "--tokenizer=tests/data/demo_vectors_tokenizer.json",
+  ]
+  r = _run(
+    "experiments.v41_engram", "--checkpoint=tests/data/v41/engram.safetensors", *v41,
+    "--prompt=In the beginning God",
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0].startswith("4 tokens; Engram layers [1, 3]; input streams: random")
+  assert "'ĠGod' -> compressed" in lines[-3]
+  rows = lines[-2].split("rows [")[1].split("]")[0].split(", ")
+  gates = lines[-2].split("gates ")[1].split()
+  assert len(rows) == 12 and len(gates) == 4 and all(0 < float(g) < 1 for g in gates)
+  r = _run("experiments.v41_engram", f"--checkpoint={tmp_path / 'none.safetensors'}", *v41)
+  assert r.returncode != 0
+  (line,) = r.stderr.strip().splitlines()
+  assert line.startswith("v41_engram: ") and "none.safetensors" in line

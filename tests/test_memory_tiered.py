@@ -1,6 +1,8 @@
 """Tests of the tiered backend (engram_jax/memory/tiered.py): a device cache over a host or
 disk table."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 from engram_jax import memory
 from engram_jax.config import OptimConfig
+from engram_jax.interop import safetensors
 from engram_jax.memory import base, storage, tiered
 
 R, DH = 2000, 8
@@ -183,3 +186,30 @@ def test_options_are_checked():
     memory.create("tiered", num_rows=R, dim=DH, cache_rows=R + 1)
   with pytest.raises(ValueError, match="policy"):
     memory.create("tiered", num_rows=R, dim=DH, cache_rows=3, policy="fifo")
+
+
+def test_disk_tier_serves_a_safetensors_checkpoints_mxfp8_table():
+  ckpt = safetensors.Checkpoint.open(
+    pathlib.Path(__file__).parent / "data" / "v41" / "engram.safetensors"
+  )
+  r, dh = 24562, 32  # V4.1 example, layer 1: F8_E4M3 values, one F8_E8M0 exponent per row
+  parts = {
+    "values": ckpt.require("layers.1.engram.embed.weight", "F8_E4M3", (r, dh)),
+    "scale": ckpt.require("layers.1.engram.embed.scale", "F8_E8M0", (r, dh // 32)),
+  }
+  table = memory.create(
+    "tiered", num_rows=r, dim=dh, disk=(parts, "mxfp8"), cache_rows=400, policy="static"
+  )
+  rng = np.random.default_rng(5)
+  ids = ((rng.zipf(1.2, size=(64, 12)) - 1) * 7919 % r).astype(np.int32)
+  table.calibrate([ids[:32]])
+  expected = storage.decode({k: np.asarray(v)[ids] for k, v in parts.items()}, "mxfp8")
+  np.testing.assert_array_equal(table.fetch(ids), expected)
+  assert 0.3 < table.stats()["hit_rate"] < 1  # some rows from the cache, some from the file
+  with pytest.raises(ValueError, match=r"mxfp8 values: expected float8_e4m3fn \(24562, 64\)"):
+    memory.create("tiered", num_rows=r, dim=2 * dh, disk=(parts, "mxfp8"), cache_rows=4)
+  with pytest.raises(ValueError, match=r"expected parts \['values'\] for 'bfloat16'"):
+    memory.create("tiered", num_rows=r, dim=dh, disk=(parts, "bfloat16"), cache_rows=4)
+  swapped = {"values": parts["values"], "scale": parts["scale"].view(np.int8)}
+  with pytest.raises(ValueError, match="mxfp8 scale: expected uint8"):
+    memory.create("tiered", num_rows=r, dim=dh, disk=(swapped, "mxfp8"), cache_rows=4)

@@ -132,16 +132,56 @@ class NgramHasher:
       )
     return np.ascontiguousarray(x, dtype=np.int64)
 
-  def __call__(self, compressed_ids, layer_id: int) -> np.ndarray:
-    """Hash ids of one layer: compressed ids [B, T] -> int64 [B, T, H] (exact, spec §2)."""
+  def __call__(self, compressed_ids, layer_id: int, dead=None) -> np.ndarray:
+    """Hash ids of one layer: compressed ids [B, T] -> int64 [B, T, H] (exact, spec §2).
+
+    `dead` [B, T] bools (optional; DeepSeek-V4.1's image tokens): dead positions break the
+    n-grams that span them (`_hash_blocked`).
+    """
     layer = self._check_layer(layer_id)
     x = self.check_ids(compressed_ids)
+    if dead is not None:
+      return self._hash_blocked(x, layer, self._dead(x, dead))
     out = np.empty((*x.shape, self.num_heads), dtype=np.int64)
     kernel.run_blocks(self._blocks(x, layer, out))
     return out
 
-  def hash_all(self, compressed_ids) -> dict[int, np.ndarray]:
-    """Hash ids of every Engram layer: {layer_id: int64 [B, T, H]}."""
+  def _dead(self, x: np.ndarray, dead) -> np.ndarray:
+    mask = np.asarray(dead)
+    if mask.shape != x.shape or mask.dtype != bool:
+      raise ValueError(
+        f"dead: expected bools of the ids' shape {x.shape}, got {mask.dtype}{list(mask.shape)}"
+      )
+    return mask  # [B, T]
+
+  def _hash_blocked(self, x: np.ndarray, layer: int, dead: np.ndarray) -> np.ndarray:
+    """The hash with dead positions (V4.1 spec §3), vectorised NumPy in exact int64.
+
+    Walking back from position t over shifts s = 0..Ng-1, slot s is blocked if t - s < 0 or a
+    position in t-s..t is dead, and every later slot with it; blocked slots take the pad id.
+    """
+    b, t = x.shape
+    mults = self._mults[layer]  # [Ng] int64, each product below 2**63
+    sizes = np.asarray(self._sizes[layer], np.int64)  # [H]
+    hn = self.heads_per_ngram
+    out = np.empty((b, t, self.num_heads), np.int64)
+    blocked = dead.copy()  # slot 0: the position itself
+    mix = np.where(blocked, self.pad_id, x) * mults[0]  # [B, T]
+    for k in range(1, self.max_ngram_size):
+      prev = np.full((b, t), self.pad_id, np.int64)
+      prev[:, k:] = x[:, :-k]  # x[t - k]; t - k < 0 reads the pad id
+      dead_k = np.ones((b, t), bool)
+      dead_k[:, k:] = dead[:, :-k]
+      blocked = blocked | dead_k
+      mix = mix ^ (np.where(blocked, self.pad_id, prev) * mults[k])
+      heads = sizes[(k - 1) * hn : k * hn]  # [Hn]
+      out[..., (k - 1) * hn : k * hn] = mix[..., None] % heads  # [B, T, 1] % [Hn]
+    return out
+
+  def hash_all(self, compressed_ids, dead=None) -> dict[int, np.ndarray]:
+    """Hash ids of every Engram layer: {layer_id: int64 [B, T, H]} (`dead` as in `__call__`)."""
+    if dead is not None:
+      return {layer: self(compressed_ids, layer, dead) for layer in self.layer_ids}
     x = self.check_ids(compressed_ids)
     outs = {layer: np.empty((*x.shape, self.num_heads), np.int64) for layer in self.layer_ids}
     blocks = [fn for layer in self.layer_ids for fn in self._blocks(x, layer, outs[layer])]

@@ -12,8 +12,10 @@ or a benchmark wants around the pure functions, the same for every kind:
   state donated); `calibrate`; statistics (`base.Stats`) from what those calls report moved;
 - for a backend with a device cache ('tiered'): the cache policies 'static' (filled by
   `calibrate` only), 'lfu' (online counts, aged by halving, refilled every `refresh_every`
-  fetches) and 'lru' (the rows used last), and the read-only disk tier (`disk=`, a directory
-  written by `storage.save_memmap`) below the cache.
+  fetches) and 'lru' (the rows used last), and the read-only disk tier below the cache:
+  `disk=` a directory written by `storage.save_memmap`, or `(parts, storage)` with parts
+  {"values": [R, Dh], "scale": ...} mapped already, e.g. the Engram table of a safetensors
+  checkpoint (`interop.safetensors`: F8_E4M3 values and F8_E8M0 scales are storage 'mxfp8').
 
 Shapes: R rows, Dh row width, L cached rows, N ids.
 """
@@ -48,6 +50,19 @@ _OPTIONS = {
 def options(kind: str) -> list[str]:
   """The keyword options `create` accepts for a kind."""
   return sorted(_COMMON + _OPTIONS[backends.backend_class(kind, "kind")])
+
+
+def _open_disk(disk, num_rows: int, dim: int) -> tuple[dict, str]:
+  """The NumPy parts and storage type of a disk tier (`disk=`, see the module docstring)."""
+  if isinstance(disk, tuple):
+    if len(disk) != 2:
+      raise ValueError(f"disk: expected a directory or (parts, storage), got {len(disk)} items")
+    parts, storage = disk
+    return dict(storage_lib.check_parts(parts, storage, num_rows, dim)), storage
+  parts, storage = storage_lib.open_memmap(disk)
+  if parts["values"].shape != (num_rows, dim):
+    raise ValueError(f"disk: table {parts['values'].shape}, expected {(num_rows, dim)}")
+  return parts, storage
 
 
 class Table(base.MemoryTable):
@@ -94,16 +109,14 @@ class Table(base.MemoryTable):
     cls = backends.backend_class(kind)
     if engine not in ENGINES:
       raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    if storage is None:
-      storage = "bfloat16" if cls.has_storage and self.dtype == jnp.bfloat16 else "float32"
     fields = {"dtype": self.dtype.name, "device": device}
     self._lower = None  # NumPy parts of a disk tier
     if disk is not None:
-      if rows is not None or storage != "float32":
+      if rows is not None or storage is not None:
         raise ValueError("disk tier: the rows and their storage type come from the disk")
-      self._lower, storage = storage_lib.open_memmap(disk)
-      if self._lower["values"].shape != (num_rows, dim):
-        raise ValueError(f"disk: table {self._lower['values'].shape}, expected {(num_rows, dim)}")
+      self._lower, storage = _open_disk(disk, num_rows, dim)
+    if storage is None:
+      storage = "bfloat16" if cls.has_storage and self.dtype == jnp.bfloat16 else "float32"
     fields["trainable"] = trainable and storage not in storage_lib.SCALED and disk is None
     if cls is backends.ShardedBackend:
       if mesh is None:

@@ -23,7 +23,9 @@ functions here are its plain reference and the host tiers' NumPy path.
 `encode` / `decode` work on NumPy arrays (host tiers) and on jax arrays (inside a jitted
 fetch), each with its own array module. `round_trip(table, storage)` converts a table to a
 storage type and back: evaluate a model with the round-tripped tables to measure the accuracy
-cost of a storage type. `save_memmap` / `open_memmap` write and map the disk tier.
+cost of a storage type. `save_memmap` / `open_memmap` write and map the disk tier;
+`check_parts` checks parts mapped elsewhere (a safetensors checkpoint's tensors) before a disk
+tier serves them.
 
 Shapes: R rows, Dh row width, Dh/32 E8M0 exponents of an 'mxfp8' row; `...` any leading axes.
 """
@@ -121,8 +123,10 @@ def _encode_mxfp8(xp, rows) -> dict:
   check_width("mxfp8", dh)
   blocks = rows.astype(np.float32).reshape(*lead, dh // MX_BLOCK, MX_BLOCK)  # [..., Dh/32, 32]
   amax = xp.max(xp.abs(blocks), axis=-1)  # [..., Dh/32]
-  # log2 of the block's amax over 448, rounded up: the smallest power of two that fits it.
-  power = xp.ceil(xp.log2(xp.where(amax > 0, amax, _E4M3_MAX) / np.float32(_E4M3_MAX)))
+  # log2 of the block's amax over 448, rounded up (exactly, from the float's own exponent):
+  # the smallest power of two that fits it.
+  mantissa, power = xp.frexp(xp.where(amax > 0, amax, _E4M3_MAX) / np.float32(_E4M3_MAX))
+  power = xp.where(mantissa == 0.5, power - 1, power)
   exponent = xp.clip(power + 127, 0, 254).astype(np.int32)  # [..., Dh/32]
   scaled = _times_e8m0(xp, blocks, 254 - exponent[..., None])  # / 2 ** (e - 127): exact
   codes = xp.clip(scaled, -_E4M3_MAX, _E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
@@ -268,6 +272,44 @@ def _disk_dtype(storage: str) -> np.dtype:
   """.npy has no bfloat16 or float8: their bits are stored as unsigned integers of the same
   width and viewed back by `open_memmap`."""
   return np.dtype({"bfloat16": np.uint16, "mxfp8": np.uint8}.get(storage, value_dtype(storage)))
+
+
+def check_parts(parts, storage: str, num_rows: int, dim: int, where: str = "disk") -> dict:
+  """Checks stored parts against a table of `num_rows` rows of width `dim` in a storage type.
+
+  Args:
+    parts: {"values": [R, Dh], and for 'int8' "scale": [R] float32, for 'mxfp8' "scale":
+      [R, Dh/32] uint8}, NumPy arrays or memmaps (e.g. tensors of a safetensors checkpoint).
+    storage: one of `STORAGE_TYPES`.
+    num_rows: R.
+    dim: Dh.
+    where: what the parts are, for the error messages.
+
+  Returns:
+    `parts`.
+
+  Raises:
+    ValueError: other keys, shapes or dtypes than the storage type stores.
+  """
+  check_storage(storage)
+  check_width(storage, dim)
+  expected = {"values": (value_dtype(storage), (num_rows, dim))}
+  if storage == "int8":
+    expected["scale"] = (np.dtype(np.float32), (num_rows,))
+  elif storage == "mxfp8":
+    expected["scale"] = (np.dtype(np.uint8), (num_rows, dim // MX_BLOCK))
+  if not isinstance(parts, dict) or parts.keys() != expected.keys():
+    keys = sorted(parts) if isinstance(parts, dict) else type(parts).__name__
+    raise ValueError(f"{where}: expected parts {sorted(expected)} for {storage!r}, got {keys}")
+  for key, (dtype, shape) in expected.items():
+    got = parts[key]
+    if not isinstance(got, np.ndarray):
+      raise ValueError(f"{where}: expected {key} as a NumPy array or memmap, got {type(got)}")
+    if got.dtype != dtype or got.shape != shape:
+      raise ValueError(
+        f"{where}: {storage} {key}: expected {dtype} {shape}, got {got.dtype} {got.shape}"
+      )
+  return parts
 
 
 def open_memmap(directory) -> tuple[dict, str]:
