@@ -48,7 +48,12 @@ def _engram(cfg: ModelConfig, **kwargs) -> Engram:
   """The Engram layer of `cfg` (unbound unless given a name inside a module)."""
   e = cfg.engram
   return Engram(
-    max_ngram_size=e.max_ngram_size, kernel_size=e.kernel_size, dtype=_dtype(cfg.dtype), **kwargs
+    max_ngram_size=e.max_ngram_size,
+    kernel_size=e.kernel_size,
+    qk_eps=e.resolved_gate_eps,
+    form=e.form,
+    dtype=_dtype(cfg.dtype),
+    **kwargs,
   )
 
 

@@ -113,3 +113,71 @@ def test_causal_depthwise_conv_matches_direct_sum():
         want[:, t] += kernel[i] * x[:, src]
   got = causal_depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), dil)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _v41_layer_inputs(layer: int):
+  """The V4.1 reference's hidden streams and rows, and the layer's weights as float params of
+  the trainable form (the FP8 key/value weight dequantized: codes x tile exponents)."""
+  from engram_jax.interop import safetensors
+
+  ckpt = safetensors.Checkpoint.open("tests/data/v41/engram.safetensors")
+  vectors = np.load("tests/data/v41/vectors.npz")
+  codes = np.asarray(ckpt.array(f"layers.{layer}.engram.wkv.weight"), np.float32)  # [O, Dm]
+  tiles = np.ldexp(1.0, ckpt.array(f"layers.{layer}.engram.wkv.scale").astype(np.int64) - 127)
+  w = codes * np.repeat(np.repeat(tiles, 32, axis=0), 32, axis=1)[: codes.shape[0]]
+  m, d = 4, 128
+  params = {
+    "kv_kernel": w.T.reshape(-1, m + 1, d),  # [Dm, (M+1) D] -> [Dm, M+1, D]
+    "q_weight": np.asarray(ckpt.array(f"layers.{layer}.engram.q_weight"), np.float32),
+    "k_weight": np.asarray(ckpt.array(f"layers.{layer}.engram.k_weight"), np.float32),
+  }
+  return params, vectors[f"hidden_layer{layer}"], vectors[f"emb_layer{layer}"], vectors
+
+
+def test_v41_form_has_the_released_parameters_and_formula():
+  params, hidden, rows, _ = _v41_layer_inputs(1)
+  layer = Engram(max_ngram_size=4, qk_eps=1e-20, form="v41")
+  init = nn.unbox(layer.init(jax.random.key(0), jnp.asarray(hidden), jnp.asarray(rows)))
+  assert set(init["params"]) == {"kv_kernel", "q_weight", "k_weight"}  # no conv, bias, norms
+  assert layer.conv_state_length == 0
+  y = np.asarray(layer.apply({"params": params}, jnp.asarray(hidden), jnp.asarray(rows)))
+  # float64 NumPy: s = sum(x w k) rsqrt(mean x^2 + eps) rsqrt(mean k^2 + eps) / sqrt(D).
+  e = rows.reshape(*rows.shape[:2], -1).astype(np.float64)
+  kv = np.einsum("btc,cjd->btjd", e, params["kv_kernel"])
+  key, value = kv[:, :, :4], kv[:, :, 4]
+  w = params["q_weight"] * params["k_weight"]
+  x = hidden.astype(np.float64)
+  r = lambda a: 1 / np.sqrt(np.mean(a * a, axis=-1) + 1e-20)
+  s = np.sum(x * w * key, axis=-1) * r(x) * r(key) / np.sqrt(128)
+  gate = 1 / (1 + np.exp(-np.sign(s) * np.sqrt(np.maximum(np.abs(s), 1e-6))))
+  np.testing.assert_allclose(y, gate[..., None] * value[:, :, None], rtol=2e-4, atol=2e-4)
+
+
+def test_v41_form_is_the_released_layer_up_to_its_fp8_activations():
+  """With the released weights, h + Y of the trainable form is V4.1's output but for the FP8
+  quantization of the projection's input (the released layer's; `interop.v41` has it)."""
+  for layer_id in (1, 3):
+    params, hidden, rows, vectors = _v41_layer_inputs(layer_id)
+    layer = Engram(max_ngram_size=4, qk_eps=1e-20, form="v41")
+    y = layer.apply({"params": params}, jnp.asarray(hidden), jnp.asarray(rows))
+    out = np.asarray(hidden + y)
+    want = vectors[f"out_layer{layer_id}"]
+    assert np.abs(out - want).max() < 0.05 * np.abs(want).max()
+    assert np.mean(np.abs(out - want)) < 0.01 * np.mean(np.abs(want))
+
+
+def test_v41_form_dead_positions_and_decoding():
+  params, hidden, rows, _ = _v41_layer_inputs(3)
+  layer = Engram(max_ngram_size=4, qk_eps=1e-20, form="v41")
+  dead = np.zeros(hidden.shape[:2], bool)
+  dead[:, 5:9] = True
+  y = np.asarray(
+    layer.apply({"params": params}, jnp.asarray(hidden), jnp.asarray(rows), dead=jnp.asarray(dead))
+  )
+  assert np.all(y[dead] == 0) and np.all(y[~dead] != 0)
+  state = jnp.zeros((hidden.shape[0], 0, 4 * 128))  # no convolution: an empty decoding state
+  y2, state2 = layer.apply({"params": params}, jnp.asarray(hidden), jnp.asarray(rows), state)
+  assert state2.shape == state.shape
+  np.testing.assert_array_equal(y2, layer.apply({"params": params}, hidden, rows))
+  with pytest.raises(ValueError, match="form: expected one of"):
+    Engram(form="v5").init(jax.random.key(0), jnp.asarray(hidden), jnp.asarray(rows))

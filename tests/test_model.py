@@ -189,3 +189,23 @@ def test_scanned_blocks_compute_what_the_unscanned_do(tiny_cfg):
     EngramLM(scan_cfg).apply(
       stacked, tokens, rows, jnp.zeros_like(tokens), init_decode_cache(scan_cfg, B, T)
     )
+
+
+def test_the_v41_engram_form_in_the_model(tiny_cfg):
+  cfg = dataclasses.replace(tiny_cfg, engram=dataclasses.replace(tiny_cfg.engram, form="v41"))
+  assert cfg.engram.resolved_gate_eps == 1e-20 and tiny_cfg.engram.resolved_gate_eps > 1e-8
+  model, variables, tokens, rows = _setup(cfg)
+  assert set(variables["params"]["block_1"]["engram"]) == {"kv_kernel", "q_weight", "k_weight"}
+  full, _ = jax.jit(model.apply)(variables, tokens, rows)
+  cache = init_decode_cache(cfg, B, length=16)
+  assert cache[1].conv.shape == (B, 0, 2 * cfg.d_model)  # no convolution state
+  step = jax.jit(lambda tok, r, pos, c: model.apply(variables, tok, r, positions=pos, cache=c))
+  got = []
+  for t in range(T):
+    logits, _, cache = step(
+      tokens[:, t : t + 1], {1: rows[1][:, t : t + 1]}, jnp.full((B, 1), t), cache
+    )
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, axis=1), full, rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match="form: expected one of"):
+    dataclasses.replace(cfg.engram, form="v5")

@@ -91,7 +91,7 @@ def _run(mesh_cfg, steps=10, b=4, t=16, kind="device", **model_changes):
   trainer = Trainer(model, exp.optim, steps, layouts, backend, mesh_cfg.rules)
   state = trainer.create_state(jax.random.key(0), b, t)
   specs = [getattr(x.sharding, "spec", P()) for x in jax.tree.leaves(state.params)]
-  step = jax.jit(trainer.train_step, donate_argnums=0)
+  step, _ = trainer.jitted(b, t)  # explicit in/out shardings on a mesh
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):

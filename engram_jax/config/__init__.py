@@ -22,6 +22,7 @@ from engram_jax.config.experiment import (
   parse_rules,
 )
 from engram_jax.config.model import (
+  ENGRAM_FORMS,
   MOE_DISPATCHES,
   REMAT_POLICIES,
   EngramConfig,
@@ -33,6 +34,7 @@ from engram_jax.config.model import (
 )
 
 __all__ = [
+  "ENGRAM_FORMS",
   "LOGICAL_RULES",
   "LOOKUP_IMPLS",
   "MEMORY_KINDS",

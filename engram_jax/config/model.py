@@ -9,9 +9,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 from engram_jax.config.checks import check as _check
 
 MOE_DISPATCHES = ("auto", "ragged", "blocks")
+ENGRAM_FORMS = ("demo", "v41")
+V41_GATE_EPS = 1e-20  # DeepSeek-V4.1's `norm_eps`
 # What a block keeps for its backward pass: everything ('none'), nothing but its inputs
 # ('full': the forward runs again), or the results of matmuls without batch dimensions
 # ('dots_saveable', jax's `checkpoint_policies.dots_with_no_batch_dims_saveable`).
@@ -98,6 +102,11 @@ class EngramConfig:
     pad_token_id: raw tokenizer id used for positions before the sequence start; the
       hasher receives its compressed id.
     seed: seed of the hash multipliers (layer `l` uses `seed + 10007 * l`).
+    form: the layer's form: 'demo' (the paper's demo: short convolution, projection bias,
+      query and key norm weights) or 'v41' (DeepSeek-V4.1: none of those; a q_weight * k_weight
+      gate with weightless norms; `layers.engram`).
+    gate_eps: eps of the gate's norms; None: the form's own (float32 machine epsilon for
+      'demo', V4.1's 1e-20 for 'v41').
   """
 
   max_ngram_size: int = 3
@@ -108,8 +117,17 @@ class EngramConfig:
   kernel_size: int = 4
   pad_token_id: int = 2
   seed: int = 0
+  form: str = "demo"
+  gate_eps: float | None = None
 
   def __post_init__(self):
+    _check(self.form in ENGRAM_FORMS, "form", f"one of {ENGRAM_FORMS}", self.form)
+    _check(
+      self.gate_eps is None or (isinstance(self.gate_eps, float) and self.gate_eps > 0),
+      "gate_eps",
+      "None or a positive float",
+      self.gate_eps,
+    )
     object.__setattr__(self, "table_bases", tuple(self.table_bases))
     object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
     check_engram_args(
@@ -131,6 +149,13 @@ class EngramConfig:
       "a non-negative raw token id",
       self.pad_token_id,
     )
+
+  @property
+  def resolved_gate_eps(self) -> float:
+    """The gate norms' eps: `gate_eps`, or the form's own."""
+    if self.gate_eps is not None:
+      return self.gate_eps
+    return V41_GATE_EPS if self.form == "v41" else float(np.finfo(np.float32).eps)
 
   @property
   def num_heads(self) -> int:

@@ -12,6 +12,17 @@ host-offloaded tables.
 
 The M key projections and the value projection are one fused matmul. The conv starts at zero,
 so at initialisation the layer outputs exactly the gated value `u`.
+
+`form='v41'` is the variant of the released DeepSeek-V4.1 (spec V4.1 §5): no short convolution,
+no projection bias, and the gate from one weight per stream, `w_m = q_weight_m * k_weight_m`,
+with weightless RMS norms of eps `qk_eps` (1e-20 there):
+
+    s_m = sum_d h_m w_m k_m * rsqrt(mean(h_m^2) + eps) * rsqrt(mean(k_m^2) + eps) / sqrt(D)
+    Y   = alpha_m * (W_V e)       (0 at dead positions: V4.1's image tokens)
+
+V4.1 adds Y to the streams inside its layer (`h + Y` in bfloat16); here the block adds it, the
+same sum. The released layer's FP8 projection is `interop.v41`'s; this trainable form keeps a
+float kernel.
 """
 
 from __future__ import annotations
@@ -20,10 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from engram_jax.config import ENGRAM_FORMS
 from engram_jax.layers.norms import FLOAT32_EPS, rms_norm
 
 # The gate's signed square root keeps a floor on |s| so its gradient stays finite at 0.
 _GATE_FLOOR = 1e-6
+FORMS = ENGRAM_FORMS
 
 
 def check_engram_inputs(hidden_shape, rows_shape) -> None:
@@ -72,7 +85,10 @@ class Engram(nn.Module):
     max_ngram_size: Ng; the convolution's dilation.
     kernel_size: W, taps of the short convolution.
     conv_eps: eps of the convolution's per-branch RMSNorms (1e-5 in the reference).
-    qk_eps: eps of the query/key RMSNorms (float32 machine epsilon in the reference).
+    qk_eps: eps of the query/key RMSNorms (float32 machine epsilon in the reference; V4.1's
+      `norm_eps`, 1e-20, for form 'v41').
+    form: 'demo' (the paper's demo) or 'v41' (DeepSeek-V4.1: no convolution, no bias, the
+      q_weight * k_weight gate; see the module docstring).
     dtype: compute dtype; norms, the gate and the residual sum run in float32.
     param_dtype: parameter dtype.
   """
@@ -81,17 +97,22 @@ class Engram(nn.Module):
   kernel_size: int = 4
   conv_eps: float = 1e-5
   qk_eps: float = FLOAT32_EPS
+  form: str = "demo"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @property
   def conv_state_length(self) -> int:
-    """(W - 1) * Ng: past positions the convolution reads (the decoding state)."""
-    return (self.kernel_size - 1) * self.max_ngram_size
+    """(W - 1) * Ng: past positions the convolution reads (the decoding state; 0 without one)."""
+    return 0 if self.form == "v41" else (self.kernel_size - 1) * self.max_ngram_size
 
   @nn.compact
   def __call__(
-    self, hidden: jax.Array, rows: jax.Array, conv_state: jax.Array | None = None
+    self,
+    hidden: jax.Array,
+    rows: jax.Array,
+    conv_state: jax.Array | None = None,
+    dead: jax.Array | None = None,
   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Computes Y for every residual branch.
 
@@ -101,6 +122,7 @@ class Engram(nn.Module):
       conv_state: for incremental decoding, [B, (W-1)*Ng, C] convolution inputs (C = M*D) of
         the `conv_state_length` positions before these T (zeros before the sequence start: a
         prefill from zeros equals the plain call).
+      dead: [B, T] bools, positions whose gate is 0 (form 'v41'; None: none).
 
     Returns:
       [B, T, M, D] float32 (the caller adds it to the residual streams); [B, T, D] when
@@ -108,6 +130,8 @@ class Engram(nn.Module):
       [B, (W-1)*Ng, C]: the last (W - 1) * Ng convolution inputs).
     """
     check_engram_inputs(hidden.shape, rows.shape)
+    if self.form not in FORMS:
+      raise ValueError(f"form: expected one of {FORMS}, got {self.form!r}")
     single_stream = hidden.ndim == 3
     if single_stream:
       hidden = hidden[:, :, None, :]  # [B, T, D] -> [B, T, 1, D]
@@ -126,15 +150,16 @@ class Engram(nn.Module):
       (dm, m + 1, d),
       self.param_dtype,
     )
-    bias = self.param(
-      "kv_bias",
-      nn.with_logical_partitioning(nn.initializers.zeros, ("engram_kv", "embed")),
-      (m + 1, d),
-      self.param_dtype,
-    )
     # [B, T, Dm] x [Dm, M+1, D] -> [B, T, M+1, D]: M keys and the shared value in one matmul.
     kv = jnp.einsum("btc,cjd->btjd", e, kernel.astype(self.dtype))
-    kv = kv + bias.astype(self.dtype)[None, None]
+    if self.form == "demo":
+      bias = self.param(
+        "kv_bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("engram_kv", "embed")),
+        (m + 1, d),
+        self.param_dtype,
+      )
+      kv = kv + bias.astype(self.dtype)[None, None]
     key, value = kv[:, :, :m], kv[:, :, m]  # [B, T, M, D], [B, T, D]
 
     def branch_scale(name):
@@ -145,15 +170,28 @@ class Engram(nn.Module):
         self.param_dtype,
       )
 
-    k = rms_norm(key.astype(jnp.float32), branch_scale("key_norm"), self.qk_eps)
-    q = rms_norm(hidden.astype(jnp.float32), branch_scale("query_norm"), self.qk_eps)
+    if self.form == "v41":
+      # Weightless norms; the one weight per stream is q_weight * k_weight.
+      w = branch_scale("q_weight") * branch_scale("k_weight")  # [M, D]
+      q = rms_norm(hidden.astype(jnp.float32), w, self.qk_eps)
+      k = rms_norm(key.astype(jnp.float32), jnp.ones_like(w), self.qk_eps)
+    else:
+      k = rms_norm(key.astype(jnp.float32), branch_scale("key_norm"), self.qk_eps)
+      q = rms_norm(hidden.astype(jnp.float32), branch_scale("query_norm"), self.qk_eps)
     s = jnp.sum(q * k, axis=-1) / jnp.sqrt(jnp.float32(d))  # [B, T, M]
     s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), _GATE_FLOOR))
     gate = jax.nn.sigmoid(s)  # [B, T, M]
+    if dead is not None:
+      gate = jnp.where(dead[:, :, None], 0.0, gate)
     self.sow("intermediates", "gate", gate)
 
     # [B, T, M, 1] * [B, T, 1, D] -> [B, T, M, D]
     u = gate[..., None] * value[:, :, None, :].astype(jnp.float32)
+    if self.form == "v41":  # no convolution
+      out = u[:, :, 0] if single_stream else u
+      if conv_state is None:
+        return out
+      return out, conv_state
     un = rms_norm(u, branch_scale("conv_norm"), self.conv_eps)
     conv_kernel = self.param(
       "conv_kernel",

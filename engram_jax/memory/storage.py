@@ -146,6 +146,24 @@ def _times_e8m0(xp, x, exponent):
   return xp.where(k == 128, np.float32(np.nan), out)
 
 
+# e4m3fn code (as a byte) -> its float32 value: one table lookup per code is several times faster
+# than NumPy's element-wise cast of the float8 type.
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def _decode_mxfp8_numpy(values: np.ndarray, scale: np.ndarray, dtype) -> np.ndarray:
+  """NumPy `decode` of mxfp8 rows: values [..., Dh], E8M0 bytes [..., Dh/32] -> [..., Dh]."""
+  *lead, dh = values.shape
+  out = _E4M3_VALUES[np.asarray(values).view(np.uint8)]  # [..., Dh] float32
+  k = np.asarray(scale).astype(np.int32) - 127  # [..., Dh/32]
+  # One factor 2**k per block: NumPy keeps float32 subnormals (2**-127), unlike XLA.
+  factor = np.ldexp(np.float32(1), np.minimum(k, 127)).astype(np.float32)
+  factor[k == 128] = np.nan
+  blocks = out.reshape(*lead, dh // MX_BLOCK, MX_BLOCK)
+  np.multiply(blocks, factor[..., None], out=blocks)  # [..., Dh/32, 32] * [..., Dh/32, 1]
+  return out.astype(dtype, copy=False)
+
+
 def decode(parts: dict, storage: str, dtype=np.float32):
   """Converts stored rows back to floats.
 
@@ -160,6 +178,8 @@ def decode(parts: dict, storage: str, dtype=np.float32):
   check_storage(storage)
   values = parts["values"]
   xp = _xp(values)
+  if storage == "mxfp8" and xp is np:
+    return _decode_mxfp8_numpy(values, parts["scale"], dtype)
   if storage == "mxfp8":
     *lead, dh = values.shape
     blocks = values.astype(np.float32).reshape(*lead, dh // MX_BLOCK, MX_BLOCK)

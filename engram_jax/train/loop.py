@@ -211,7 +211,7 @@ def train(
   pipeline, trainer = build_trainer(exp, data_cfg, tokens)
   t = exp.train
   workdir.mkdir(parents=True, exist_ok=True)
-  train_step, eval_step = trainer.jitted()
+  train_step, eval_step = trainer.jitted(exp.train.batch_size, exp.train.seq_len)
   key = jax.random.key(t.seed)
   ckpt = Checkpointer(workdir / folder.CHECKPOINTS)
   metrics_log = folder.MetricsLog(workdir / folder.METRICS_FILE, enabled=primary)

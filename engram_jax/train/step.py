@@ -289,9 +289,29 @@ class Trainer:
     loss, (_, gate) = self._forward(state.params, state.balance, rows, batch)
     return {"loss": loss, "engram_gate": gate}
 
-  def jitted(self) -> tuple[Callable, Callable]:
-    """(train_step with the state donated, eval_step), both jitted."""
-    return jax.jit(self.train_step, donate_argnums=0), jax.jit(self.eval_step)
+  def jitted(
+    self, batch_size: int | None = None, seq_len: int | None = None
+  ) -> tuple[Callable, Callable]:
+    """(train_step with the state donated, eval_step), both jitted.
+
+    On a mesh, given the batch shape, both are jitted with explicit shardings: the state in and
+    out where `shardings` puts it, the batch split over (data, fsdp) and the metrics
+    replicated, so a step never reshards its inputs or leaves its outputs where XLA chose.
+    """
+    mesh = self.backend.mesh
+    if mesh is None or batch_size is None or seq_len is None:
+      return jax.jit(self.train_step, donate_argnums=0), jax.jit(self.eval_step)
+    state = self.shardings(
+      jax.eval_shape(lambda k: self.init(k, batch_size, seq_len), jax.random.key(0))
+    )
+    batch, metrics = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+    train = jax.jit(
+      self.train_step,
+      in_shardings=(state, batch),
+      out_shardings=(state, metrics),
+      donate_argnums=0,
+    )
+    return train, jax.jit(self.eval_step, in_shardings=(state, batch), out_shardings=metrics)
 
 
 @functools.lru_cache(maxsize=16)
