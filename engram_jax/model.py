@@ -52,6 +52,8 @@ def _engram(cfg: ModelConfig, **kwargs) -> Engram:
     kernel_size=e.kernel_size,
     qk_eps=e.resolved_gate_eps,
     form=e.form,
+    gating=e.gating,
+    short_conv=e.short_conv,
     dtype=_dtype(cfg.dtype),
     **kwargs,
   )

@@ -97,6 +97,11 @@ class TokenizerCompressor:
     return cls(lookup=lookup, num_compressed=len(key_to_id), keys=tuple(key_to_id))
 
   @classmethod
+  def identity(cls, vocab_size: int) -> TokenizerCompressor:
+    """No compression: every raw id is its own compressed id (the paper's ablation)."""
+    return cls(lookup=np.arange(vocab_size, dtype=np.int64), num_compressed=int(vocab_size))
+
+  @classmethod
   def from_file(cls, path: str | os.PathLike) -> TokenizerCompressor:
     """Builds the map from a `tokenizer.json` (offline)."""
     return cls.from_tokenizer(load_tokenizer(path))

@@ -1,5 +1,7 @@
 """Tests for engram_jax/layers/engram.py."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -181,3 +183,70 @@ def test_v41_form_dead_positions_and_decoding():
   np.testing.assert_array_equal(y2, layer.apply({"params": params}, hidden, rows))
   with pytest.raises(ValueError, match="form: expected one of"):
     Engram(form="v5").init(jax.random.key(0), jnp.asarray(hidden), jnp.asarray(rows))
+
+
+def _ablation_inputs():
+  rng = np.random.default_rng(7)
+  hidden = jnp.asarray(rng.standard_normal((2, 6, 3, 16)), jnp.float32)  # [B, T, M, D]
+  rows = jnp.asarray(rng.standard_normal((2, 6, 4, 8)), jnp.float32)  # [B, T, H, Dh]
+  return hidden, rows
+
+
+def _gates_and_params(**options):
+  hidden, rows = _ablation_inputs()
+  layer = Engram(max_ngram_size=3, **options)
+  variables = nn.unbox(layer.init(jax.random.key(1), hidden, rows))
+  y, state = layer.apply(variables, hidden, rows, mutable=["intermediates"])
+  (gate,) = state["intermediates"]["gate"]
+  shapes = {k: tuple(v.shape) for k, v in variables["params"].items()}
+  return np.asarray(y), np.asarray(gate), shapes, variables, layer
+
+
+def test_ablation_shared_gate_is_one_gate_for_every_stream():
+  _, multi, multi_shapes, _, _ = _gates_and_params()
+  _, shared, shapes, _, _ = _gates_and_params(gating="shared")
+  assert multi_shapes["kv_kernel"] == (32, 4, 16) and shapes["kv_kernel"] == (32, 2, 16)
+  assert shapes["key_norm"] == shapes["query_norm"] == (1, 16)  # one key, one query
+  np.testing.assert_array_equal(shared, np.broadcast_to(shared[..., :1], shared.shape))
+  assert not np.allclose(multi, np.broadcast_to(multi[..., :1], multi.shape))
+
+
+def test_ablation_without_context_aware_gating_fixes_the_gate_to_one():
+  _, rows = _ablation_inputs()
+  y, gate, shapes, variables, _ = _gates_and_params(gating="none")
+  np.testing.assert_array_equal(gate, 1.0)
+  assert shapes["kv_kernel"] == (32, 1, 16) and "key_norm" not in shapes  # value only
+  # The conv starts at zero: Y is the value on every stream.
+  value = jnp.einsum("btc,cd->btd", rows.reshape(2, 6, 32), variables["params"]["kv_kernel"][:, 0])
+  np.testing.assert_allclose(
+    y, np.broadcast_to(np.asarray(value)[:, :, None], y.shape), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_ablation_without_the_short_conv():
+  y, gate, shapes, variables, layer = _gates_and_params(short_conv=False)
+  assert "conv_kernel" not in shapes and "conv_norm" not in shapes and layer.conv_state_length == 0
+  hidden, rows = _ablation_inputs()
+  # With the conv taps nonzero, the full layer differs from u = gate * value; without, Y = u.
+  full_vars = nn.unbox(Engram(max_ngram_size=3).init(jax.random.key(1), hidden, rows))
+  kv = jnp.einsum("btc,cjd->btjd", rows.reshape(2, 6, 32), variables["params"]["kv_kernel"])
+  u = gate[..., None] * np.asarray(kv[:, :, 3])[:, :, None]
+  np.testing.assert_allclose(y, u, rtol=1e-5, atol=1e-6)
+  assert set(full_vars["params"]) - set(shapes) == {"conv_kernel", "conv_norm"}
+
+
+def test_ablation_without_tokenizer_compression(demo_tokenizer_path):
+  from engram_jax.config import EngramConfig
+  from engram_jax.hashing import EngramHashing
+
+  cfg = EngramConfig(table_bases=(101, 101), layer_ids=(1,), embed_per_ngram=32, heads_per_ngram=2)
+  compressed = EngramHashing.from_file(cfg, demo_tokenizer_path)
+  raw = EngramHashing.from_file(
+    dataclasses.replace(cfg, compress_tokens=False), demo_tokenizer_path
+  )
+  ids = np.arange(compressed.compressor.vocab_size)
+  np.testing.assert_array_equal(raw.compressor(ids), ids)  # the raw vocabulary reaches the hasher
+  assert raw.hasher.compressed_vocab_size == compressed.compressor.vocab_size
+  assert compressed.hasher.compressed_vocab_size < raw.hasher.compressed_vocab_size
+  with pytest.raises(ValueError, match="gating: expected one of"):
+    EngramConfig(gating="single")

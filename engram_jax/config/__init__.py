@@ -23,6 +23,7 @@ from engram_jax.config.experiment import (
 )
 from engram_jax.config.model import (
   ENGRAM_FORMS,
+  ENGRAM_GATINGS,
   MOE_DISPATCHES,
   REMAT_POLICIES,
   EngramConfig,
@@ -35,6 +36,7 @@ from engram_jax.config.model import (
 
 __all__ = [
   "ENGRAM_FORMS",
+  "ENGRAM_GATINGS",
   "LOGICAL_RULES",
   "LOOKUP_IMPLS",
   "MEMORY_KINDS",

@@ -15,6 +15,7 @@ from engram_jax.config.checks import check as _check
 
 MOE_DISPATCHES = ("auto", "ragged", "blocks")
 ENGRAM_FORMS = ("demo", "v41")
+ENGRAM_GATINGS = ("multi", "shared", "none")
 V41_GATE_EPS = 1e-20  # DeepSeek-V4.1's `norm_eps`
 # What a block keeps for its backward pass: everything ('none'), nothing but its inputs
 # ('full': the forward runs again), or the results of matmuls without batch dimensions
@@ -107,6 +108,12 @@ class EngramConfig:
       gate with weightless norms; `layers.engram`).
     gate_eps: eps of the gate's norms; None: the form's own (float32 machine epsilon for
       'demo', V4.1's 1e-20 for 'v41').
+    gating: 'multi' (one context-aware gate per residual stream, the paper's), 'shared' (one
+      gate for all streams, from their mean and one key: the ablation without multi-branch
+      gating) or 'none' (the gate fixed to 1: without context-aware gating).
+    short_conv: the short causal convolution of form 'demo' (False: the ablation without it).
+    compress_tokens: hash compressed token ids (False: raw ids, the ablation without
+      tokenizer compression).
   """
 
   max_ngram_size: int = 3
@@ -119,9 +126,15 @@ class EngramConfig:
   seed: int = 0
   form: str = "demo"
   gate_eps: float | None = None
+  gating: str = "multi"
+  short_conv: bool = True
+  compress_tokens: bool = True
 
   def __post_init__(self):
     _check(self.form in ENGRAM_FORMS, "form", f"one of {ENGRAM_FORMS}", self.form)
+    _check(self.gating in ENGRAM_GATINGS, "gating", f"one of {ENGRAM_GATINGS}", self.gating)
+    for name in ("short_conv", "compress_tokens"):
+      _check(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
     _check(
       self.gate_eps is None or (isinstance(self.gate_eps, float) and self.gate_eps > 0),
       "gate_eps",

@@ -49,7 +49,10 @@ class EngramHashing:
     Raises:
       ValueError: `cfg.pad_token_id` outside the tokenizer's vocabulary.
     """
-    compressor = TokenizerCompressor.from_tokenizer(tokenizer)
+    if cfg.compress_tokens:
+      compressor = TokenizerCompressor.from_tokenizer(tokenizer)
+    else:  # the ablation without tokenizer compression: raw ids go to the hasher
+      compressor = TokenizerCompressor.identity(tokenizer.get_vocab_size(with_added_tokens=True))
     pad = int(compressor(np.asarray([cfg.pad_token_id]))[0])
     hasher = NgramHasher.from_config(cfg, compressor.num_compressed, pad)
     layouts = {

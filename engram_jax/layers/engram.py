@@ -23,6 +23,10 @@ with weightless RMS norms of eps `qk_eps` (1e-20 there):
 V4.1 adds Y to the streams inside its layer (`h + Y` in bfloat16); here the block adds it, the
 same sum. The released layer's FP8 projection is `interop.v41`'s; this trainable form keeps a
 float kernel.
+
+The paper's ablations are options too: `gating='shared'` (one gate for all streams, from their
+mean and one key projection), `gating='none'` (the gate fixed to 1: no key projection, no
+norms) and `short_conv=False` (Y = u).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from engram_jax.config import ENGRAM_FORMS
+from engram_jax.config import ENGRAM_FORMS, ENGRAM_GATINGS
 from engram_jax.layers.norms import FLOAT32_EPS, rms_norm
 
 # The gate's signed square root keeps a floor on |s| so its gradient stays finite at 0.
 _GATE_FLOOR = 1e-6
 FORMS = ENGRAM_FORMS
+GATINGS = ENGRAM_GATINGS
 
 
 def check_engram_inputs(hidden_shape, rows_shape) -> None:
@@ -89,6 +94,8 @@ class Engram(nn.Module):
       `norm_eps`, 1e-20, for form 'v41').
     form: 'demo' (the paper's demo) or 'v41' (DeepSeek-V4.1: no convolution, no bias, the
       q_weight * k_weight gate; see the module docstring).
+    gating: 'multi' (a gate per stream), 'shared' (one gate for all) or 'none' (gate = 1).
+    short_conv: the short convolution (form 'demo' only; V4.1 has none).
     dtype: compute dtype; norms, the gate and the residual sum run in float32.
     param_dtype: parameter dtype.
   """
@@ -98,13 +105,19 @@ class Engram(nn.Module):
   conv_eps: float = 1e-5
   qk_eps: float = FLOAT32_EPS
   form: str = "demo"
+  gating: str = "multi"
+  short_conv: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @property
   def conv_state_length(self) -> int:
     """(W - 1) * Ng: past positions the convolution reads (the decoding state; 0 without one)."""
-    return 0 if self.form == "v41" else (self.kernel_size - 1) * self.max_ngram_size
+    return (self.kernel_size - 1) * self.max_ngram_size if self._has_conv else 0
+
+  @property
+  def _has_conv(self) -> bool:
+    return self.form == "demo" and self.short_conv
 
   @nn.compact
   def __call__(
@@ -132,6 +145,8 @@ class Engram(nn.Module):
     check_engram_inputs(hidden.shape, rows.shape)
     if self.form not in FORMS:
       raise ValueError(f"form: expected one of {FORMS}, got {self.form!r}")
+    if self.gating not in GATINGS:
+      raise ValueError(f"gating: expected one of {GATINGS}, got {self.gating!r}")
     single_stream = hidden.ndim == 3
     if single_stream:
       hidden = hidden[:, :, None, :]  # [B, T, D] -> [B, T, 1, D]
@@ -139,6 +154,8 @@ class Engram(nn.Module):
     dm = rows.shape[2] * rows.shape[3]
     e = rows.reshape(b, t, dm).astype(self.dtype)  # [B, T, H, Dh] -> [B, T, Dm]
 
+    # Key projections: one per stream, one for all ('shared'), or none ('none').
+    keys = {"multi": m, "shared": 1, "none": 0}[self.gating]
     kernel = self.param(
       "kv_kernel",
       nn.with_logical_partitioning(
@@ -147,52 +164,57 @@ class Engram(nn.Module):
         ),
         ("engram_memory", "engram_kv", "embed"),
       ),
-      (dm, m + 1, d),
+      (dm, keys + 1, d),
       self.param_dtype,
     )
-    # [B, T, Dm] x [Dm, M+1, D] -> [B, T, M+1, D]: M keys and the shared value in one matmul.
+    # [B, T, Dm] x [Dm, K+1, D] -> [B, T, K+1, D]: the K keys and the shared value in one matmul.
     kv = jnp.einsum("btc,cjd->btjd", e, kernel.astype(self.dtype))
     if self.form == "demo":
       bias = self.param(
         "kv_bias",
         nn.with_logical_partitioning(nn.initializers.zeros, ("engram_kv", "embed")),
-        (m + 1, d),
+        (keys + 1, d),
         self.param_dtype,
       )
       kv = kv + bias.astype(self.dtype)[None, None]
-    key, value = kv[:, :, :m], kv[:, :, m]  # [B, T, M, D], [B, T, D]
+    key, value = kv[:, :, :keys], kv[:, :, keys]  # [B, T, K, D], [B, T, D]
 
-    def branch_scale(name):
+    def branch_scale(name, n=keys):
       return self.param(
         name,
         nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
-        (m, d),
+        (n, d),
         self.param_dtype,
       )
 
-    if self.form == "v41":
-      # Weightless norms; the one weight per stream is q_weight * k_weight.
-      w = branch_scale("q_weight") * branch_scale("k_weight")  # [M, D]
-      q = rms_norm(hidden.astype(jnp.float32), w, self.qk_eps)
-      k = rms_norm(key.astype(jnp.float32), jnp.ones_like(w), self.qk_eps)
+    if self.gating == "none":
+      gate = jnp.ones((b, t, m), jnp.float32)
     else:
-      k = rms_norm(key.astype(jnp.float32), branch_scale("key_norm"), self.qk_eps)
-      q = rms_norm(hidden.astype(jnp.float32), branch_scale("query_norm"), self.qk_eps)
-    s = jnp.sum(q * k, axis=-1) / jnp.sqrt(jnp.float32(d))  # [B, T, M]
-    s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), _GATE_FLOOR))
-    gate = jax.nn.sigmoid(s)  # [B, T, M]
+      # 'shared': one query from the streams' mean: [B, T, M, D] -> [B, T, 1, D].
+      query = hidden if self.gating == "multi" else jnp.mean(hidden, axis=2, keepdims=True)
+      if self.form == "v41":
+        # Weightless norms; the one weight per stream is q_weight * k_weight.
+        w = branch_scale("q_weight") * branch_scale("k_weight")  # [K, D]
+        q = rms_norm(query.astype(jnp.float32), w, self.qk_eps)
+        k = rms_norm(key.astype(jnp.float32), jnp.ones_like(w), self.qk_eps)
+      else:
+        k = rms_norm(key.astype(jnp.float32), branch_scale("key_norm"), self.qk_eps)
+        q = rms_norm(query.astype(jnp.float32), branch_scale("query_norm"), self.qk_eps)
+      s = jnp.sum(q * k, axis=-1) / jnp.sqrt(jnp.float32(d))  # [B, T, K]
+      s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), _GATE_FLOOR))
+      gate = jnp.broadcast_to(jax.nn.sigmoid(s), (b, t, m))  # [B, T, K] -> [B, T, M]
     if dead is not None:
       gate = jnp.where(dead[:, :, None], 0.0, gate)
     self.sow("intermediates", "gate", gate)
 
     # [B, T, M, 1] * [B, T, 1, D] -> [B, T, M, D]
     u = gate[..., None] * value[:, :, None, :].astype(jnp.float32)
-    if self.form == "v41":  # no convolution
+    if not self._has_conv:  # Y = u
       out = u[:, :, 0] if single_stream else u
       if conv_state is None:
         return out
       return out, conv_state
-    un = rms_norm(u, branch_scale("conv_norm"), self.conv_eps)
+    un = rms_norm(u, branch_scale("conv_norm", m), self.conv_eps)
     conv_kernel = self.param(
       "conv_kernel",
       nn.with_logical_partitioning(nn.initializers.zeros, ("conv_taps", "engram_channels")),
