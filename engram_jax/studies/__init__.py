@@ -1,0 +1,264 @@
+"""The paper's studies as lists of runs, and a resumable runner (paper §3-§6; spec §6).
+
+Each study is a function from an Engram-MoE experiment (the preset) to `StudyRun`s: a run's name,
+its experiment (model, seed, steps) and the study's coordinates of it (rho, size, block,
+variant). `run_study` trains the runs one after another in `WORKDIR/<study>/<run>/`, each a
+normal training run (resumable: an interrupted study restarted skips finished runs and resumes
+the unfinished one from its checkpoint), then writes `WORKDIR/<study>.json` (every run's command,
+seed, commit, CPU and validation loss) and `WORKDIR/<study>.png`.
+
+- `allocation`: the U-curve (paper Fig. 3 left): iso-parameter Engram-MoE models at allocation
+  ratios rho (rho = 1: the pure MoE), `params.iso_param_engram`.
+- `memory_scaling`: a fixed backbone with Engram tables scaled by factors (Fig. 3 right).
+- `placement`: one Engram layer at each block in turn, and the same budget split over two
+  blocks (§6.2).
+- `ablations`: the paper's ablation table: shared gate, no gate, no tokenizer compression, no
+  short convolution, 4-grams at the same table budget, table init std 1.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+from collections.abc import Callable, Sequence
+
+from engram_jax import params as params_lib
+from engram_jax import presets
+from engram_jax.config import ExperimentConfig
+from engram_jax.run import folder
+from engram_jax.train import loop
+
+STUDIES = ("allocation", "memory_scaling", "placement", "ablations")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+  """One run of a study.
+
+  Attributes:
+    name: the run's folder name (unique in the study).
+    exp: its experiment.
+    coords: the study's coordinates of the run (e.g. {"rho": 0.8}), with its seed.
+  """
+
+  name: str
+  exp: ExperimentConfig
+  coords: dict
+
+
+def _with(exp: ExperimentConfig, seed: int, steps: int | None, **model_changes) -> ExperimentConfig:
+  train = dataclasses.replace(exp.train, seed=seed, **({"steps": steps} if steps else {}))
+  model = dataclasses.replace(exp.model, **model_changes) if model_changes else exp.model
+  return dataclasses.replace(exp, model=model, train=train)
+
+
+def _engram_of(exp: ExperimentConfig):
+  if exp.model.engram is None or exp.model.moe is None:
+    raise ValueError(f"preset {exp.name}: expected an Engram-MoE experiment (e.g. cpu_small)")
+  return exp.model.engram
+
+
+def allocation(
+  exp: ExperimentConfig, rhos: Sequence[float], seeds: Sequence[int], steps: int | None = None
+) -> list[StudyRun]:
+  """Iso-parameter models at each rho (the preset's Engram settings, its MoE baseline)."""
+  engram = _engram_of(exp)
+  base = presets.baseline_of(exp)
+  runs = []
+  for rho in rhos:
+    model = base.model if rho == 1.0 else params_lib.iso_param_engram(base.model, rho, engram)
+    for seed in seeds:
+      run_exp = dataclasses.replace(_with(base, seed, steps), model=model)
+      runs.append(StudyRun(f"rho{rho:g}_seed{seed}", run_exp, {"rho": rho, "seed": seed}))
+  return runs
+
+
+def memory_scaling(
+  exp: ExperimentConfig, factors: Sequence[float], seeds: Sequence[int], steps: int | None = None
+) -> list[StudyRun]:
+  """The preset's backbone with its table bases scaled by each factor (same Engram layers)."""
+  engram = _engram_of(exp)
+  runs = []
+  for f in factors:
+    bases = tuple(max(2, round(b * f)) for b in engram.table_bases)
+    scaled = dataclasses.replace(engram, table_bases=bases)
+    table_params = params_lib.count_params(dataclasses.replace(exp.model, engram=scaled))
+    for seed in seeds:
+      runs.append(
+        StudyRun(
+          f"x{f:g}_seed{seed}",
+          _with(exp, seed, steps, engram=scaled),
+          {"factor": f, "table_params": table_params.engram_tables, "seed": seed},
+        )
+      )
+  return runs
+
+
+def placement(
+  exp: ExperimentConfig,
+  seeds: Sequence[int],
+  steps: int | None = None,
+  split: tuple[int, int] | None = None,
+) -> list[StudyRun]:
+  """One Engram layer at each block in turn, and the budget split over two blocks (`split`,
+  default the first two blocks after block 0)."""
+  engram = _engram_of(exp)
+  n = exp.model.num_layers
+  variants = {f"block{i}": dataclasses.replace(engram, layer_ids=(i,)) for i in range(n)}
+  a, b = split or (1, min(2, n - 1))
+  if a != b:
+    half = tuple(max(2, x // 2) for x in engram.table_bases)
+    variants[f"blocks{a}+{b}"] = dataclasses.replace(engram, layer_ids=(a, b), table_bases=half)
+  return [
+    StudyRun(
+      f"{name}_seed{seed}", _with(exp, seed, steps, engram=cfg), {"placement": name, "seed": seed}
+    )
+    for name, cfg in variants.items()
+    for seed in seeds
+  ]
+
+
+def ablation_variants(exp: ExperimentConfig) -> dict[str, dict]:
+  """{variant: model changes}: the paper's ablation table on the preset's Engram."""
+  engram = _engram_of(exp)
+  budget = sum(engram.table_bases)  # rows of one head of every order, summed
+  four = dataclasses.replace(
+    engram, max_ngram_size=4, table_bases=(max(2, budget // 3),) * 3
+  )  # the same rows per head, over three orders
+  return {
+    "full": {},
+    "shared_gate": {"engram": dataclasses.replace(engram, gating="shared")},
+    "no_gate": {"engram": dataclasses.replace(engram, gating="none")},
+    "no_compression": {"engram": dataclasses.replace(engram, compress_tokens=False)},
+    "no_short_conv": {"engram": dataclasses.replace(engram, short_conv=False)},
+    "4grams": {"engram": four},
+    "init_std_1": {"engram_init_std": 1.0},
+  }
+
+
+def ablations(
+  exp: ExperimentConfig, seeds: Sequence[int], steps: int | None = None, variants=None
+) -> list[StudyRun]:
+  """The ablation table's runs (`variants`: a subset of `ablation_variants` names)."""
+  table = ablation_variants(exp)
+  names = list(variants or table)
+  unknown = [v for v in names if v not in table]
+  if unknown:
+    raise ValueError(f"variants: expected names from {sorted(table)}, got {unknown}")
+  return [
+    StudyRun(f"{v}_seed{seed}", _with(exp, seed, steps, **table[v]), {"variant": v, "seed": seed})
+    for v in names
+    for seed in seeds
+  ]
+
+
+def _cpu() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def run_study(
+  study: str,
+  runs: Sequence[StudyRun],
+  workdir: str | os.PathLike,
+  command: Callable[[StudyRun], str],
+  *,
+  corpus_files=(),
+  tokenizer_file: str | None = None,
+  progress: bool = True,
+) -> dict:
+  """Trains the runs that have no results yet and writes the study's summary and plot.
+
+  Args:
+    study: the study's name (`STUDIES`).
+    runs: its runs.
+    workdir: the study's parent folder: runs go to `workdir/<study>/<run>/`.
+    command: the command line that reruns one run alone (recorded in the summary).
+    corpus_files: text files; empty: the embedded corpus.
+    tokenizer_file: a tokenizer.json; None: the embedded one.
+    progress: progress bars.
+
+  Returns:
+    The summary written to `workdir/<study>.json`.
+  """
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"{study}: run names must be unique, got {names}")
+  root = pathlib.Path(workdir)
+  rows = []
+  for i, run in enumerate(runs):
+    rundir = root / study / run.name
+    results_file = rundir / folder.RESULTS_FILE
+    if results_file.exists():
+      results = json.loads(results_file.read_text())
+    else:  # new, or interrupted: resume continues from the newest checkpoint
+      results = loop.train(
+        run.exp,
+        rundir,
+        corpus_files=corpus_files,
+        tokenizer_file=tokenizer_file,
+        resume=rundir.exists(),
+        progress=progress,
+        label=f"{study} {i + 1}/{len(runs)} {run.name}",
+      )
+    rows.append(
+      {
+        "name": run.name,
+        **run.coords,
+        "val_loss": results["val_loss"],
+        "steps": results.get("steps"),
+        "command": command(run),
+        "workdir": str(rundir),
+      }
+    )
+  summary = {
+    "study": study,
+    "commit": folder.git_commit(),
+    "cpu": _cpu(),
+    "runs": rows,
+  }
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = root / f".{study}.json.tmp"
+  tmp.write_text(json.dumps(summary, indent=1))
+  tmp.replace(root / f"{study}.json")  # derived from the runs' own results: rewritten whole
+  plot(summary, root / f"{study}.png")
+  return summary
+
+
+def plot(summary: dict, path: pathlib.Path) -> None:
+  """Validation loss per run coordinate (mean and the seeds' spread)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  runs = summary["runs"]
+  key = next(k for k in ("rho", "factor", "placement", "variant") if k in runs[0])
+  groups: dict = {}
+  for r in runs:
+    groups.setdefault(r[key], []).append(r["val_loss"])
+  xs = list(groups)
+  means = [sum(v) / len(v) for v in groups.values()]
+  lows = [m - min(v) for m, v in zip(means, groups.values(), strict=True)]
+  highs = [max(v) - m for m, v in zip(means, groups.values(), strict=True)]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  positions = xs if key in ("rho", "factor") else list(range(len(xs)))
+  ax.errorbar(positions, means, yerr=[lows, highs], fmt="o-", capsize=3)
+  if key == "factor":
+    ax.set_xscale("log")
+  if key in ("placement", "variant"):
+    ax.set_xticks(positions, [str(x) for x in xs], rotation=30, ha="right")
+  ax.set_xlabel(key)
+  ax.set_ylabel("validation loss")
+  ax.set_title(f"{summary['study']} ({len(runs)} runs; bars: seed range)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

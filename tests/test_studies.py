@@ -1,0 +1,112 @@
+"""Tests of the studies (engram_jax/studies) and their scripts (experiments/<study>.py)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engram_jax import params as params_lib
+from engram_jax import presets, studies
+
+
+@pytest.fixture(scope="module")
+def exp():
+  return presets.tiny()
+
+
+def test_allocation_runs_are_iso_parameter(exp):
+  runs = studies.allocation(exp, [1.0, 0.5], [0, 1], steps=3)
+  assert [r.name for r in runs] == ["rho1_seed0", "rho1_seed1", "rho0.5_seed0", "rho0.5_seed1"]
+  moe, engram = runs[0].exp.model, runs[2].exp.model
+  assert moe.engram is None and engram.engram is not None
+  assert engram.moe.num_experts < moe.moe.num_experts
+  total = lambda m: params_lib.count_params(m).total
+  assert total(engram) <= total(moe)
+  assert {r.exp.train.seed for r in runs} == {0, 1} and all(r.exp.train.steps == 3 for r in runs)
+
+
+def test_memory_scaling_scales_only_the_tables(exp):
+  runs = studies.memory_scaling(exp, [0.25, 1.0, 4.0], [0])
+  sizes = [r.coords["table_params"] for r in runs]
+  assert sizes == sorted(sizes) and sizes[-1] > 10 * sizes[0]
+  for r in runs:  # everything but the table bases is the preset's
+    e = dataclasses.replace(r.exp.model.engram, table_bases=exp.model.engram.table_bases)
+    assert dataclasses.replace(r.exp.model, engram=e) == exp.model
+
+
+def test_placement_moves_the_layer_and_splits_the_budget(exp):
+  runs = {r.coords["placement"]: r.exp.model.engram for r in studies.placement(exp, [0])}
+  assert set(runs) == {"block0", "block1"}  # tiny has two blocks: no split of two others
+  assert runs["block0"].layer_ids == (0,) and runs["block1"].layer_ids == (1,)
+  deeper = dataclasses.replace(exp, model=dataclasses.replace(exp.model, num_layers=3))
+  split = {r.coords["placement"]: r.exp.model.engram for r in studies.placement(deeper, [0])}
+  assert split["blocks1+2"].layer_ids == (1, 2)
+  assert split["blocks1+2"].table_bases == tuple(b // 2 for b in exp.model.engram.table_bases)
+
+
+def test_each_ablation_changes_what_it_names(exp):
+  table = studies.ablation_variants(exp)
+  e = exp.model.engram
+  changed = {
+    v: {k for k, x in vars(r.exp.model.engram).items() if x != getattr(e, k)}
+    for v, r in ((r.coords["variant"], r) for r in studies.ablations(exp, [0]))
+  }
+  assert changed["full"] == set() and changed["shared_gate"] == {"gating"}
+  assert changed["no_gate"] == {"gating"} and changed["no_short_conv"] == {"short_conv"}
+  assert changed["no_compression"] == {"compress_tokens"}
+  assert changed["4grams"] == {"max_ngram_size", "table_bases"}
+  assert table["init_std_1"] == {"engram_init_std": 1.0}
+  with pytest.raises(ValueError, match="variants: expected names"):
+    studies.ablations(exp, [0], variants=["no_engram"])
+
+
+def test_run_study_skips_finished_runs_and_resumes_the_rest(exp, tmp_path, monkeypatch):
+  calls = []
+
+  def fake_train(run_exp, workdir, *, resume, **kw):
+    calls.append((workdir.name, resume))
+    workdir.mkdir(parents=True, exist_ok=True)
+    loss = 5.0 + run_exp.train.seed / 10
+    (workdir / "results.json").write_text(json.dumps({"val_loss": loss, "steps": 2}))
+    return {"val_loss": loss, "steps": 2}
+
+  monkeypatch.setattr(studies.loop, "train", fake_train)
+  runs = studies.ablations(exp, [0, 1], variants=["full", "no_gate"])
+  (tmp_path / "ablations" / "full_seed1").mkdir(parents=True)  # interrupted: no results yet
+  summary = studies.run_study("ablations", runs, tmp_path, lambda r: f"cmd {r.name}")
+  assert calls == [
+    ("full_seed0", False),
+    ("full_seed1", True),
+    ("no_gate_seed0", False),
+    ("no_gate_seed1", False),
+  ]
+  assert [r["val_loss"] for r in summary["runs"]] == [5.0, 5.1, 5.0, 5.1]
+  assert summary["runs"][1]["command"] == "cmd full_seed1" and summary["cpu"]
+  assert json.loads((tmp_path / "ablations.json").read_text()) == summary
+  assert (tmp_path / "ablations.png").stat().st_size > 1000
+  calls.clear()
+  studies.run_study("ablations", runs, tmp_path, lambda r: "")
+  assert calls == []  # every run finished: nothing trains again
+
+
+def test_a_study_script_trains_and_its_command_reruns_a_point(tmp_path):
+  args = ["--preset=tiny", "--variants=no_gate", "--seeds=0", "--steps=2", f"--workdir={tmp_path}"]
+  r = subprocess.run(
+    [sys.executable, "-m", "experiments.ablations", "--noprogress", *args],
+    capture_output=True, text=True, timeout=600, check=False,
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  (run,) = json.loads((tmp_path / "ablations.json").read_text())["runs"]
+  assert run["variant"] == "no_gate" and run["steps"] == 2 and run["val_loss"] > 0
+  assert (
+    run["command"].startswith("python -m experiments.ablations")
+    and "--variants=no_gate" in run["command"]
+  )
+  assert (tmp_path / "ablations.png").exists() and "no_gate_seed0" in r.stdout
+  bad = subprocess.run(
+    [sys.executable, "-m", "experiments.allocation", "--rhos=abc", f"--workdir={tmp_path}"],
+    capture_output=True, text=True, timeout=300, check=False,
+  )  # fmt: skip
+  assert bad.returncode != 0 and "--rhos: expected numbers" in bad.stderr
