@@ -210,6 +210,14 @@ def ablation_12l() -> ExperimentConfig:
   return ExperimentConfig("ablation_12l", model, _PAPER_OPTIM, _PAPER_TRAIN)
 
 
+def v41_flash_engram():
+  """The released DeepSeek-V4.1-Flash Engram settings (`interop.v41.V41Config`; an inference
+  configuration, not a training experiment, so not in `PRESETS`)."""
+  from engram_jax.interop.v41 import v41_flash_engram as released
+
+  return released()
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
   "tiny": tiny,
   "cpu_small": cpu_small,

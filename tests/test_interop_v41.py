@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from engram_jax import presets
 from engram_jax.hashing import NgramHasher
 from engram_jax.interop import safetensors
 from engram_jax.interop.v41 import DEAD_IF, V41Config, V41Engram, table_shapes, v41_flash_engram
@@ -109,6 +110,17 @@ def test_outputs_within_one_bf16_ulp(engram, vectors, prefix):
       assert np.all(gates[dead] == 0) and np.all(gates[~dead] > 0)
 
 
+def test_rows_straight_from_the_mapped_file(engram, vectors):
+  mapped = V41Engram.from_checkpoint(
+    f"{V41}/config.json", f"{V41}/engram.safetensors", TOKENIZER, cache_fraction=0.0
+  )
+  assert isinstance(mapped.tables[1].parts["values"], np.memmap)  # mapped, not read
+  hidden, ids = vectors["hidden_layer3"], vectors["input_ids"]
+  np.testing.assert_array_equal(
+    np.asarray(mapped(hidden, ids, 3), np.float32), np.asarray(engram(hidden, ids, 3), np.float32)
+  )
+
+
 def test_the_key_value_projection_is_exact(engram, vectors):
   ckpt = safetensors.Checkpoint.open(f"{V41}/engram.safetensors")
   for layer in (1, 3):
@@ -161,6 +173,7 @@ def test_the_hf_config_form_and_bad_inputs(tmp_path, vectors):
 
 def test_the_released_preset():
   cfg = v41_flash_engram()
+  assert presets.v41_flash_engram() == cfg
   assert cfg.num_heads == 24 and cfg.num_embeddings == (384_006_168, 384_016_682)
   shapes = table_shapes(cfg)
   nbytes = {k: sum(x.size * x.dtype.itemsize for x in v.values()) for k, v in shapes.items()}

@@ -39,6 +39,7 @@ from engram_jax import memory
 from engram_jax.hashing import NgramHasher
 from engram_jax.interop.safetensors import Checkpoint
 from engram_jax.layers.engram_v41 import V41EngramParams, v41_engram, v41_gates
+from engram_jax.memory import storage
 from engram_jax.memory.table import TableLayout
 from engram_jax.tokenization import TokenizerCompressor, load_tokenizer
 
@@ -162,6 +163,20 @@ def table_shapes(cfg: V41Config) -> dict[int, dict[str, jax.ShapeDtypeStruct]]:
   }
 
 
+class MappedRows:
+  """A layer's rows read straight from the mapped checkpoint on every fetch (no device cache):
+  only the fetched rows' pages are read, then decoded on the host."""
+
+  def __init__(self, parts: dict):
+    self.parts = parts
+
+  def fetch(self, ids) -> jax.Array:
+    """Flat row ids [...] -> [..., Dh] bfloat16 rows."""
+    flat = np.asarray(ids)
+    got = {k: np.asarray(v[flat]) for k, v in self.parts.items()}  # reads those rows only
+    return jnp.asarray(storage.decode(got, "mxfp8", np.float32), jnp.bfloat16)
+
+
 def _tensor(layer: int, name: str) -> str:
   return f"layers.{layer}.engram.{name}"
 
@@ -204,7 +219,8 @@ class V41Engram:
         `model.safetensors.index.json`).
       tokenizer: the model's tokenizer.json.
       cache_fraction: the share of each table's rows the device cache holds (the 'tiered'
-        backend over the mapped file; its hot rows are found online, policy 'lfu').
+        backend over the mapped file; its hot rows are found online, policy 'lfu'); 0 reads
+        every fetched row from the mapped file (`MappedRows`).
 
     Raises:
       ValueError: a config without Engram keys, a tokenizer whose compressed vocabulary
@@ -260,14 +276,18 @@ class V41Engram:
           )
         ),
       )
-      tables[layer] = memory.create(
-        "tiered",
-        num_rows=rows,
-        dim=dh,
-        dtype=jnp.bfloat16,
-        disk=(parts, "mxfp8"),
-        cache_fraction=cache_fraction,
-      )
+      if cache_fraction == 0:
+        storage.check_parts(parts, "mxfp8", rows, dh, _tensor(layer, "embed"))
+        tables[layer] = MappedRows(parts)
+      else:
+        tables[layer] = memory.create(
+          "tiered",
+          num_rows=rows,
+          dim=dh,
+          dtype=jnp.bfloat16,
+          disk=(parts, "mxfp8"),
+          cache_fraction=cache_fraction,
+        )
     return cls(cfg, tok, compressor, hasher, layouts, tables, params)
 
   def _dead(self, input_ids, token_types) -> np.ndarray:
