@@ -164,6 +164,7 @@ class Block(nn.Module):
         dtype=dtype,
         dispatch=moe.dispatch,
         capacity_slack=moe.capacity_slack,
+        expert_exchange=moe.expert_exchange,
         name="moe",
       )(x)
     else:

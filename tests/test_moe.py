@@ -248,15 +248,30 @@ def test_blocks_execute_close_to_the_routed_work():
 
 
 @pytest.mark.parametrize("skew", [0.0, 50.0])
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, expert=4), MeshConfig(fsdp=4)])
-def test_expert_parallel_equals_one_device_and_drops_nothing(skew, mesh_cfg):
+@pytest.mark.parametrize(
+  ("mesh_cfg", "exchange"),
+  [
+    (MeshConfig(data=2, expert=4), "all_to_all"),
+    (MeshConfig(data=2, expert=4), "replicated"),
+    (MeshConfig(fsdp=4), "replicated"),  # no expert axis: every device runs every expert
+  ],
+)
+def test_expert_parallel_equals_one_device_and_drops_nothing(skew, mesh_cfg, exchange):
   """Experts split over expert=4 (2 per device) with data=2, or every expert on every device
   of fsdp=4 with each device's tokens dispatched locally: the same outputs, loads and
   gradients as one device. With skew and expert=4, every token picks experts 0 and 1 (one
   device's), so that device receives all its N_loc * K assignments, twice its capacity at
-  slack 1: the overflow path must still run every one of them."""
+  slack 1: the overflow path must still run every one of them. 'all_to_all' exchanges each
+  device's slice of the tokens with the experts' devices (its overflow path is 'replicated')."""
   mesh = sharding.make_mesh(mesh_cfg)
-  layer = MoE(num_experts=8, top_k=2, expert_hidden=16, num_shared=1, capacity_slack=1.0)
+  layer = MoE(
+    num_experts=8,
+    top_k=2,
+    expert_hidden=16,
+    num_shared=1,
+    capacity_slack=1.0,
+    expert_exchange=exchange,
+  )
   x = jax.random.normal(jax.random.key(0), (4, 6, 32))
   variables = nn.unbox(layer.init(jax.random.key(1), x))
   bias = jnp.zeros((8,)).at[:2].set(skew)
@@ -274,6 +289,7 @@ def test_expert_parallel_equals_one_device_and_drops_nothing(skew, mesh_cfg):
     (_, (y_ep, load_ep)), g_ep = ep(variables["params"], x)
     text = ep.lower(variables["params"], x).as_text()
   assert "shard_map" in text or "manual" in text  # the mesh path ran
+  assert ("all_to_all" in text) == (exchange == "all_to_all" and mesh_cfg.expert > 1)
   np.testing.assert_allclose(y_ep, y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(load_ep, load, rtol=1e-6)
   if skew:

@@ -154,3 +154,17 @@ def test_one_line_errors():
   assert "[Errno 28]" in errors.one_line(wrapped)[1]
   assert errors.one_line(errors.Interrupted("signal 15: saved"))[0] == errors.EXIT_INTERRUPTED
   assert errors.one_line(errors.RunExists("a\nb")) == (errors.EXIT_USAGE, "a")
+
+
+def test_records_from_before_a_field_existed_still_match(finished_run):
+  workdir, *_ = finished_run
+  record = json.loads((workdir / "run.json").read_text())
+  old = json.loads(json.dumps(record))  # as a record written before these fields existed
+  for key in ("form", "gate_eps", "gating", "short_conv", "compress_tokens"):
+    del old["config"]["model"]["engram"][key]
+  del old["config"]["model"]["moe"]["expert_exchange"]
+  assert folder.compare(old, record) == ([], [])
+  changed = json.loads(json.dumps(record))
+  changed["config"]["model"]["engram"]["gating"] = "none"  # another model: still refused
+  refused, _ = folder.compare(old, changed)
+  assert refused == [("config.model.engram.gating", "multi", "none")]

@@ -14,6 +14,7 @@ import numpy as np
 from engram_jax.config.checks import check as _check
 
 MOE_DISPATCHES = ("auto", "ragged", "blocks")
+EXPERT_EXCHANGES = ("all_to_all", "replicated")
 ENGRAM_FORMS = ("demo", "v41")
 ENGRAM_GATINGS = ("multi", "shared", "none")
 V41_GATE_EPS = 1e-20  # DeepSeek-V4.1's `norm_eps`
@@ -233,6 +234,11 @@ class MoEConfig:
     capacity_slack: with expert parallelism (a mesh `expert` axis), each device runs its
       experts on at most slack x its even share of the assignments; a device with more takes
       the overflow path, all of its token's assignments, so no token is dropped.
+    expert_exchange: how the tokens of an expert group reach the experts under expert
+      parallelism: 'all_to_all' (each device sends its share of the tokens to the experts'
+      devices and gets the outputs back, in buckets of `capacity_slack` x the even share, with
+      the 'replicated' path when a bucket overflows) or 'replicated' (every device runs its
+      experts on all of the group's tokens and the group sums the outputs).
   """
 
   num_experts: int = 8
@@ -243,9 +249,16 @@ class MoEConfig:
   balance_rate: float = 1e-3
   dispatch: str = "auto"
   capacity_slack: float = 2.0
+  expert_exchange: str = "all_to_all"
 
   def __post_init__(self):
     _check(self.capacity_slack > 0, "capacity_slack", "a factor > 0", self.capacity_slack)
+    _check(
+      self.expert_exchange in EXPERT_EXCHANGES,
+      "expert_exchange",
+      f"one of {EXPERT_EXCHANGES}",
+      self.expert_exchange,
+    )
     _check(
       isinstance(self.num_experts, int) and self.num_experts >= 1,
       "num_experts",

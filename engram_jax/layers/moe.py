@@ -151,6 +151,7 @@ class MoE(nn.Module):
     dispatch: how the routed experts run: 'ragged', 'blocks' or 'auto' (see the module
       docstring).
     capacity_slack: expert parallelism's capacity factor (`MoEConfig.capacity_slack`).
+    expert_exchange: 'all_to_all' or 'replicated' (`MoEConfig.expert_exchange`).
   """
 
   num_experts: int
@@ -162,6 +163,7 @@ class MoE(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   dispatch: str = "auto"
   capacity_slack: float = 2.0
+  expert_exchange: str = "all_to_all"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -312,14 +314,21 @@ class MoE(nn.Module):
 
         return go
 
-      c = min(n * k, 8 * math.ceil(self.capacity_slack * n * k / ep / 8))
-      overflow = jnp.sum(sizes[:e_loc]) > c
-      routed = jax.lax.cond(overflow, run(n * k), run(c)) if c < n * k else run(n * k)()
-      # [N_loc, K, D] x [N_loc, K] -> [N_loc, D], then summed over the expert group
-      y = jnp.einsum("nkd,nk->nd", routed.reshape(n, k, d).astype(jnp.float32), gates)
+      def replicated():
+        c = min(n * k, 8 * math.ceil(self.capacity_slack * n * k / ep / 8))
+        overflow = jnp.sum(sizes[:e_loc]) > c
+        routed = jax.lax.cond(overflow, run(n * k), run(c)) if c < n * k else run(n * k)()
+        # [N_loc, K, D] x [N_loc, K] -> [N_loc, D], then summed over the expert group
+        y = jnp.einsum("nkd,nk->nd", routed.reshape(n, k, d).astype(jnp.float32), gates)
+        return jax.lax.psum(y, expert_axes) if expert_axes else y
+
       counts = sizes[:e_loc]
+      if expert_axes and self.expert_exchange == "all_to_all" and n % ep == 0:
+        weights = (pad(w_gate), pad(w_up), pad(w_down))
+        y = self._exchange(tokens, gates, experts, weights, me, ep, expert_axes, replicated)
+      else:
+        y = replicated()
       if expert_axes:
-        y = jax.lax.psum(y, expert_axes)
         counts = jax.lax.all_gather(counts, expert_axes, tiled=True)  # [E / EP] -> [E]
       y = y.astype(self.dtype)
       if batch_axes:
@@ -337,6 +346,65 @@ class MoE(nn.Module):
       check_vma=False,
     )
     return mapped(x, router, w_gate, w_up, w_down, bias)
+
+  def _exchange(self, tokens, gates, experts, weights, me, ep, axes, replicated):
+    """The expert group's tokens to their experts' devices and back, by `all_to_all`.
+
+    The group's N_loc tokens (the same on each of its EP devices) are split: device `me` sends
+    the A = N_loc / EP * K assignments of its slice, in one bucket of Cb rows per destination
+    device (Cb = `capacity_slack` x A / EP), each row with its local expert; every device runs
+    its experts on the EP * Cb rows it received and sends the outputs back; the group gathers
+    the slices' outputs. If any device of the group has a bucket larger than Cb (`pmax`, so all
+    agree), the group takes `replicated` instead: no assignment is dropped.
+
+    Args:
+      tokens: [N_loc, D] the group's tokens; gates, experts: [N_loc, K] their routing.
+      weights: this device's (w_gate, w_up, w_down), each with a zero expert appended
+        ([E_loc + 1, ...]: it takes the buckets' empty places).
+      me: this device's index in the group; ep: EP; axes: the expert mesh axes.
+      replicated: the fallback, () -> [N_loc, D] float32.
+
+    Returns:
+      [N_loc, D] float32: the routed experts' gate-weighted sum for every token of the group.
+    """
+    n, d = tokens.shape
+    k = experts.shape[1]
+    e_loc = weights[0].shape[0] - 1
+    m = n // ep  # tokens of this device's slice
+    a = m * k
+    mine = lambda x: jax.lax.dynamic_slice_in_dim(x, me * m, m)  # [N_loc, ...] -> [m, ...]
+    flat = mine(experts).reshape(a)  # [m, K] -> [A]
+    owner, local = flat // e_loc, flat % e_loc  # destination device, its expert
+    order = jnp.argsort(owner, stable=True)
+    sizes = jnp.bincount(owner, length=ep)  # [EP]
+    starts = jnp.cumsum(sizes) - sizes
+    # Each assignment's place in its destination's bucket: [A].
+    pos = (
+      jnp.zeros((a,), jnp.int32)
+      .at[order]
+      .set((jnp.arange(a) - starts[owner[order]]).astype(jnp.int32))
+    )
+    cb = min(a, 8 * math.ceil(self.capacity_slack * a / ep / 8))
+    overflow = jax.lax.pmax((jnp.max(sizes) > cb).astype(jnp.int32), axes) > 0
+
+    def fast():
+      rows = mine(tokens).astype(self.dtype)[jnp.arange(a) // k]  # [A, D]
+      send = jnp.zeros((ep, cb, d), self.dtype).at[owner, pos].set(rows, mode="drop")
+      send_e = jnp.full((ep, cb), e_loc, jnp.int32).at[owner, pos].set(local, mode="drop")
+      exchange = lambda x: jax.lax.all_to_all(x, axes, 0, 0, tiled=True)
+      recv = exchange(send).reshape(ep * cb, d)  # [EP, Cb, D] -> [EP * Cb, D]
+      recv_e = exchange(send_e).reshape(ep * cb)  # empty places name the zero expert
+      by_expert = jnp.argsort(recv_e, stable=True)
+      group = jnp.bincount(recv_e, length=e_loc + 1).astype(jnp.int32)  # [E_loc + 1]
+      out = self._run_experts(recv[by_expert], *weights, group)  # [EP * Cb, D]
+      out = jnp.zeros_like(out).at[by_expert].set(out).reshape(ep, cb, d)
+      back = exchange(out)  # back[o, p]: the output of the assignment sent to o at p
+      routed = back[owner, jnp.minimum(pos, cb - 1)]  # [A, D]
+      # [m, K, D] x [m, K] -> [m, D]
+      y = jnp.einsum("nkd,nk->nd", routed.reshape(m, k, d).astype(jnp.float32), mine(gates))
+      return jax.lax.all_gather(y, axes, tiled=True)  # [m, D] -> [N_loc, D]
+
+    return jax.lax.cond(overflow, replicated, fast)
 
   def _run_experts(
     self,

@@ -60,6 +60,8 @@ _FREE = (
   "config.mesh.rules",
   "config.mesh.table_axes",
   "config.model.moe.dispatch",  # the same outputs to float rounding
+  "config.model.moe.capacity_slack",  # dropless either way: the same outputs
+  "config.model.moe.expert_exchange",
   "config.model.remat",  # the same mathematics
   "steps",  # the top-level copy of config.train.steps
   "tokenizer.path",
@@ -69,6 +71,18 @@ _FREE = (
   "resumes",
   "format",
 )
+
+
+# Fields added to the configs after runs were first recorded, with the value that gives the
+# behaviour those runs had: a record without the field matches a config at that value.
+_ADDED = {
+  "config.model.engram.form": "demo",
+  "config.model.engram.gate_eps": None,
+  "config.model.engram.gating": "multi",
+  "config.model.engram.short_conv": True,
+  "config.model.engram.compress_tokens": True,
+}
+_MISSING = object()
 
 
 def _jsonable(x):
@@ -159,13 +173,15 @@ def compare(old: dict, new: dict) -> tuple[list[tuple[str, object, object]], lis
   """(refused differences as (field, old, new), announcements) between two identities."""
   a, b = _flatten(old), _flatten(new)
   refused, notes = [], []
+  value = lambda x, field: x.get(field, _ADDED.get(field, _MISSING))
+  shown = lambda x, field: "(absent)" if value(x, field) is _MISSING else value(x, field)
   for field in sorted(set(a) | set(b), key=_priority):
-    if field in _FREE or a.get(field) == b.get(field):
+    if field in _FREE or value(a, field) == value(b, field):
       continue
     if field in _ANNOUNCED:
       notes.append(f"{field} changes from {a.get(field)} to {b.get(field)}")
     else:
-      refused.append((field, a.get(field, "(absent)"), b.get(field, "(absent)")))
+      refused.append((field, shown(a, field), shown(b, field)))
   return refused, notes
 
 
