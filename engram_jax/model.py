@@ -350,6 +350,11 @@ class EngramLM(nn.Module):
         new_cache.append(block_cache)
       if load is not None:
         loads.append(load)
+      # Each unscanned block's output streams [B, T, M, D], in block order, for the analysis
+      # library's logit lens and CKA: a collection of its own, so training's "intermediates"
+      # hold the Engram gates alone, and not sown by `init` (whose variables stay as they were).
+      if not self.is_initializing():
+        self.sow("residuals", "block_out", h)
       i += 1
     x = RMSNorm(eps=cfg.norm_eps, name="final_norm")(merge_streams(h))  # [B, T, M, D] -> [B, T, D]
     head = self.param(
