@@ -95,7 +95,7 @@ def test_dedup_sum(implementation):
   values = jnp.arange(14.0).reshape(7, 2)
   unique, sums = opt.dedup_sum(ids, values, fill=10, implementation=implementation)
   np.testing.assert_array_equal(unique, [2, 5, 9, 10, 10, 10, 10])
-  want = np.zeros((7, 2), np.float32)  # the fill's sum is zero too
-  for i, u in enumerate([2, 5, 9]):
+  want = np.zeros((7, 2), np.float32)
+  for i, u in enumerate([2, 5, 9, 10]):  # the fill id is summed too (callers give it zeros)
     want[i] = np.asarray(values)[np.asarray(ids) == u].sum(0)
   np.testing.assert_array_equal(sums, want)

@@ -54,13 +54,13 @@ def dedup_sum(ids: jax.Array, values: jax.Array, fill: int, implementation: str 
 
   Returns:
     (unique [N] ascending distinct ids padded with `fill`, sums [N, Dh]: row i sums the values
-    of the ids equal to unique[i]; padding rows are zero).
+    of the ids equal to unique[i], `fill` too (callers give those zeros); padding rows are
+    zero).
   """
   n, dh = values.shape
   if resolve_implementation(implementation) == "xla":
     unique, slot = dedup(ids, fill)
-    sums = jax.ops.segment_sum(values.astype(jnp.float32), slot, num_segments=n)  # [N, Dh]
-    return unique, jnp.where((unique < fill)[:, None], sums, 0)
+    return unique, jax.ops.segment_sum(values.astype(jnp.float32), slot, num_segments=n)
   # One head at offset 0 over fill + 1 rows: `fill` is a row of its own.
   got = sparse_row_grads(
     values.reshape(n, 1, dh),  # [N, Dh] -> [N, 1, Dh]
@@ -69,8 +69,7 @@ def dedup_sum(ids: jax.Array, values: jax.Array, fill: int, implementation: str 
     fill + 1,
     dtype=jnp.float32,
   )
-  unique = jnp.minimum(got.rows, fill)  # unused slots (fill + 1) -> fill
-  return unique, jnp.where((unique < fill)[:, None], got.grads, 0)
+  return jnp.minimum(got.rows, fill), got.grads  # unused slots (row fill + 1) -> fill
 
 
 class TableOptState(NamedTuple):
