@@ -325,8 +325,9 @@ class V41Engram:
       raise ValueError(
         f"hidden: expected shape {want} [B, T, hc, D], got {tuple(np.shape(hidden))}"
       )
-    ids = self.hasher(self.compressor(input_ids), layer, self._dead(input_ids, token_types))
-    return self.rows(layer, ids), self._dead(input_ids, token_types)
+    dead = self._dead(input_ids, token_types)
+    ids = self.hasher(self.compressor(input_ids), layer, dead)
+    return self.rows(layer, ids), dead
 
   def __call__(self, hidden, input_ids, layer: int, token_types=None):
     """One Engram layer: hidden [B, T, hc, D] and raw token ids [B, T] -> [B, T, hc, D] bf16."""
