@@ -1,4 +1,4 @@
-"""Named experiment presets: `tiny`, `cpu_small` and the paper's configurations.
+"""Named experiment presets: `tiny`, `cpu_small`, `cpu_study` and the paper's configurations.
 
 `tiny` is for tests (seconds). `cpu_small` is the main job: an Engram-MoE model that learns
 visibly on 2 CPU cores in a few minutes, built from its MoE baseline `cpu_small_moe` by the
@@ -132,6 +132,16 @@ def cpu_small(rho: float = 0.75) -> ExperimentConfig:
   return dataclasses.replace(base, name="cpu_small", model=model)
 
 
+def cpu_study() -> ExperimentConfig:
+  """The studies' preset (experiments/allocation.py, ...): `cpu_small`'s model and data at 150
+  steps (warm-up 15, one evaluation at the end, a checkpoint every 50 steps), about 1.5 minutes
+  a run on 2 CPU cores, so a study of ~20 runs finishes in about half an hour."""
+  exp = cpu_small()
+  train = dataclasses.replace(exp.train, steps=150, eval_every=150, checkpoint_every=50)
+  optim = dataclasses.replace(exp.optim, warmup_steps=15)
+  return dataclasses.replace(exp, name="cpu_study", train=train, optim=optim)
+
+
 def dense_4b() -> ExperimentConfig:
   """A ~4B dense model of the paper's inference study (§6.4): 30 blocks, D = 2560."""
   model = ModelConfig(
@@ -222,6 +232,7 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
   "tiny": tiny,
   "cpu_small": cpu_small,
   "cpu_small_moe": cpu_small_moe,
+  "cpu_study": cpu_study,
   "dense_4b": dense_4b,
   "moe_27b": moe_27b,
   "engram_27b": engram_27b,

@@ -1,7 +1,7 @@
 """The paper's ablation table: shared gate, no gate, no tokenizer compression, no short
 convolution, 4-grams at the same table budget, table init std 1.0, against the full model.
 
-python -m experiments.ablations --preset=cpu_small --workdir=runs/studies
+python -m experiments.ablations --workdir=runs/studies   # preset cpu_study
 python -m experiments.ablations --preset=tiny --variants=full,no_gate --seeds=0 --steps=2
 
 Every variant is an option of `EngramConfig`/`ModelConfig` (`studies.ablation_variants`).

@@ -1,6 +1,6 @@
 """The allocation U-curve (paper Fig. 3 left): iso-parameter Engram-MoE models at each rho.
 
-python -m experiments.allocation --preset=cpu_small --workdir=runs/studies
+python -m experiments.allocation --workdir=runs/studies   # preset cpu_study
 python -m experiments.allocation --preset=tiny --rhos=1,0.5 --seeds=0 --steps=2   # seconds
 
 rho is the share of the MoE's sparse budget left to routed experts (rho = 1: the pure MoE);

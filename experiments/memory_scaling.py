@@ -1,6 +1,6 @@
 """Memory scaling (paper Fig. 3 right): a fixed backbone with Engram tables of several sizes.
 
-python -m experiments.memory_scaling --preset=cpu_small --workdir=runs/studies
+python -m experiments.memory_scaling --workdir=runs/studies   # preset cpu_study
 python -m experiments.memory_scaling --preset=tiny --factors=0.25,1 --seeds=0 --steps=2
 
 Each factor scales the preset's table bases (rows per head); the default spans 32x. Resumable.

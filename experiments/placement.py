@@ -1,7 +1,7 @@
 """Engram placement (paper §6.2): one Engram layer at each block in turn, and the same budget
 split over two blocks.
 
-python -m experiments.placement --preset=cpu_small --workdir=runs/studies
+python -m experiments.placement --workdir=runs/studies   # preset cpu_study
 python -m experiments.placement --preset=tiny --placements=block1 --seeds=0 --steps=2
 
 Resumable. Writes WORKDIR/placement.json and placement.png. Exit codes: 0, 1 error, 2 usage.

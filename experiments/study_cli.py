@@ -12,7 +12,7 @@ from engram_jax import presets, studies
 from experiments import cli
 
 _PRESET = flags.DEFINE_string(
-  "preset", "cpu_small", f"An Engram-MoE preset of {sorted(presets.PRESETS)}."
+  "preset", "cpu_study", f"An Engram-MoE preset of {sorted(presets.PRESETS)}."
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Runs go to WORKDIR/<study>/<run>/.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds of every point (default: the study's).")

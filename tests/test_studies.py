@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from engram_jax import params as params_lib
@@ -110,3 +111,40 @@ def test_a_study_script_trains_and_its_command_reruns_a_point(tmp_path):
     capture_output=True, text=True, timeout=300, check=False,
   )  # fmt: skip
   assert bad.returncode != 0 and "--rhos: expected numbers" in bad.stderr
+
+
+def test_log_linear_fit_recovers_the_slope_and_its_standard_error():
+  sizes = [1e3, 2e3, 4e3, 8e3, 32e3] * 2
+  exact = [5.0 - 0.03 * np.log(s) for s in sizes]
+  fit = studies.log_linear_fit(sizes, exact)
+  assert fit["slope"] == pytest.approx(-0.03) and fit["slope_stderr"] < 1e-9
+  assert fit["slope_per_doubling"] == pytest.approx(-0.03 * np.log(2)) and fit["points"] == 10
+  noisy = np.asarray(exact) + np.random.default_rng(0).normal(0, 0.01, len(sizes))
+  fit = studies.log_linear_fit(sizes, noisy)
+  coef, cov = np.polyfit(np.log(sizes), noisy, 1, cov="unscaled")
+  slope, residual = coef[0], noisy - np.polyval(coef, np.log(sizes))
+  stderr = np.sqrt(cov[0, 0] * (residual @ residual) / (len(sizes) - 2))
+  assert fit["slope"] == pytest.approx(slope) and fit["slope_stderr"] == pytest.approx(stderr)
+  with pytest.raises(ValueError, match=">= 3 points over >= 2 sizes"):
+    studies.log_linear_fit([1e3, 1e3, 1e3], [1.0, 2.0, 3.0])
+
+
+def test_memory_scaling_summary_has_the_fit(exp, tmp_path, monkeypatch):
+  def fake_train(run_exp, workdir, **kw):
+    workdir.mkdir(parents=True, exist_ok=True)
+    loss = 6.0 - 0.1 * np.log(sum(run_exp.model.engram.table_bases)) + run_exp.train.seed / 100
+    (workdir / "results.json").write_text(json.dumps({"val_loss": loss, "steps": 2}))
+    return {"val_loss": loss, "steps": 2}
+
+  monkeypatch.setattr(studies.loop, "train", fake_train)
+  runs = studies.memory_scaling(exp, [0.25, 1.0, 4.0], [0, 1])
+  summary = studies.run_study("memory_scaling", runs, tmp_path, lambda r: "")
+  assert summary["fit"]["points"] == 6 and -0.11 < summary["fit"]["slope"] < -0.09
+  assert (tmp_path / "memory_scaling.png").stat().st_size > 1000
+
+
+def test_the_study_preset_is_cpu_small_shortened():
+  study, small = presets.get("cpu_study"), presets.get("cpu_small")
+  assert study.model == small.model and study.train.steps < small.train.steps
+  assert study.train.eval_every == study.train.steps  # one evaluation, at the end
+  assert study.train.steps % study.train.checkpoint_every == 0

@@ -25,6 +25,8 @@ import pathlib
 import platform
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from engram_jax import params as params_lib
 from engram_jax import presets
 from engram_jax.config import ExperimentConfig
@@ -225,12 +227,44 @@ def run_study(
     "cpu": _cpu(),
     "runs": rows,
   }
+  if study == "memory_scaling" and len({r["table_params"] for r in rows}) > 2:
+    summary["fit"] = log_linear_fit(
+      [r["table_params"] for r in rows], [r["val_loss"] for r in rows]
+    )
   root.mkdir(parents=True, exist_ok=True)
   tmp = root / f".{study}.json.tmp"
   tmp.write_text(json.dumps(summary, indent=1))
   tmp.replace(root / f"{study}.json")  # derived from the runs' own results: rewritten whole
   plot(summary, root / f"{study}.png")
   return summary
+
+
+def log_linear_fit(sizes: Sequence[float], losses: Sequence[float]) -> dict:
+  """Least-squares fit of loss = intercept + slope * ln(size) over every run (seeds included).
+
+  Returns:
+    {"slope": per e-fold of size, "slope_stderr": its standard error (n - 2 degrees of
+    freedom), "slope_per_doubling": slope * ln 2, "intercept", "points": n}.
+
+  Raises:
+    ValueError: fewer than 3 points or fewer than 2 distinct sizes.
+  """
+  x = np.log(np.asarray(sizes, np.float64))
+  y = np.asarray(losses, np.float64)
+  if x.size < 3 or np.ptp(x) == 0:
+    raise ValueError(f"log_linear_fit: expected >= 3 points over >= 2 sizes, got {sizes}")
+  xc = x - x.mean()
+  slope = float(xc @ (y - y.mean()) / (xc @ xc))
+  intercept = float(y.mean() - slope * x.mean())
+  residual = y - (intercept + slope * x)
+  stderr = float(np.sqrt(residual @ residual / (x.size - 2) / (xc @ xc)))
+  return {
+    "slope": slope,
+    "slope_stderr": stderr,
+    "slope_per_doubling": slope * float(np.log(2.0)),
+    "intercept": intercept,
+    "points": int(x.size),
+  }
 
 
 def plot(summary: dict, path: pathlib.Path) -> None:
@@ -254,6 +288,13 @@ def plot(summary: dict, path: pathlib.Path) -> None:
   ax.errorbar(positions, means, yerr=[lows, highs], fmt="o-", capsize=3)
   if key == "factor":
     ax.set_xscale("log")
+  fit = summary.get("fit")
+  if fit:  # the log-linear fit, drawn over the factors (size is proportional to factor)
+    size_of = {r["factor"]: r["table_params"] for r in runs}
+    line = [fit["intercept"] + fit["slope"] * np.log(size_of[x]) for x in xs]
+    label = f"fit: {fit['slope_per_doubling']:+.4f} ± {fit['slope_stderr'] * np.log(2):.4f} / 2x"
+    ax.plot(xs, line, "--", color="gray", label=label)
+    ax.legend(loc="best", fontsize=8)
   if key in ("placement", "variant"):
     ax.set_xticks(positions, [str(x) for x in xs], rotation=30, ha="right")
   ax.set_xlabel(key)
