@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from collections.abc import Callable
@@ -83,8 +84,13 @@ def main_for(
       raise
     except Exception as e:  # one line; the traceback goes to a log file
       sys.exit(cli.report(study, e, None))
-    for r in summary["runs"]:
-      print(f"{r['name']:<28} val loss {r['val_loss']:.4f}")
+    print(studies.table(summary))
+    if "fit" in summary:
+      fit = summary["fit"]
+      print(
+        f"log-linear fit: {fit['slope_per_doubling']:+.4f} validation loss per doubling of the"
+        f" tables (standard error {fit['slope_stderr'] * math.log(2):.4f}, {fit['points']} runs)"
+      )
     print(f"wrote {_WORKDIR.value}/{study}.json and {study}.png")
 
   return main

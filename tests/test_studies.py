@@ -87,6 +87,9 @@ def test_run_study_skips_finished_runs_and_resumes_the_rest(exp, tmp_path, monke
   assert summary["runs"][1]["command"] == "cmd full_seed1" and summary["cpu"]
   assert json.loads((tmp_path / "ablations.json").read_text()) == summary
   assert (tmp_path / "ablations.png").stat().st_size > 1000
+  rows = studies.table(summary).splitlines()
+  assert rows[0] == "| variant | seed 0 | seed 1 | mean | range | vs first |"
+  assert rows[3] == "| no_gate | 5.0000 | 5.1000 | 5.0500 | 0.1000 | +0.0000 |"
   calls.clear()
   studies.run_study("ablations", runs, tmp_path, lambda r: "")
   assert calls == []  # every run finished: nothing trains again
@@ -105,7 +108,7 @@ def test_a_study_script_trains_and_its_command_reruns_a_point(tmp_path):
     run["command"].startswith("python -m experiments.ablations")
     and "--variants=no_gate" in run["command"]
   )
-  assert (tmp_path / "ablations.png").exists() and "no_gate_seed0" in r.stdout
+  assert (tmp_path / "ablations.png").exists() and "| no_gate |" in r.stdout
   bad = subprocess.run(
     [sys.executable, "-m", "experiments.allocation", "--rhos=abc", f"--workdir={tmp_path}"],
     capture_output=True, text=True, timeout=300, check=False,

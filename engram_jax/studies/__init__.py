@@ -267,6 +267,43 @@ def log_linear_fit(sizes: Sequence[float], losses: Sequence[float]) -> dict:
   }
 
 
+def _point_key(runs: Sequence[dict]) -> str:
+  return next(k for k in ("rho", "factor", "placement", "variant") if k in runs[0])
+
+
+def _by_point(runs: Sequence[dict], key: str) -> dict:
+  """{point: [its runs' validation losses]} in the runs' order."""
+  groups: dict = {}
+  for r in runs:
+    groups.setdefault(r[key], []).append(r["val_loss"])
+  return groups
+
+
+def table(summary: dict) -> str:
+  """The study as a Markdown table: per point, each seed's validation loss, their mean and
+  range (max - min), and the mean's difference to the first point (the reference: rho = 1,
+  the smallest table, block 0 or the full model)."""
+  runs = summary["runs"]
+  key = _point_key(runs)
+  groups = _by_point(runs, key)
+  seeds = sorted({r["seed"] for r in runs})
+  extra = "table_params" if key == "factor" else None
+  sizes = {r[key]: r[extra] for r in runs} if extra else {}
+  head = [key] + ([extra] if extra else []) + [f"seed {s}" for s in seeds]
+  head += ["mean", "range", "vs first"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  first = None
+  for point, losses in groups.items():
+    by_seed = {r["seed"]: r["val_loss"] for r in runs if r[key] == point}
+    mean = sum(losses) / len(losses)
+    first = mean if first is None else first
+    cells = [str(point)] + ([f"{sizes[point]:,}"] if extra else [])
+    cells += [f"{by_seed[s]:.4f}" if s in by_seed else "" for s in seeds]
+    cells += [f"{mean:.4f}", f"{max(losses) - min(losses):.4f}", f"{mean - first:+.4f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def plot(summary: dict, path: pathlib.Path) -> None:
   """Validation loss per run coordinate (mean and the seeds' spread)."""
   import matplotlib
@@ -275,10 +312,8 @@ def plot(summary: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   runs = summary["runs"]
-  key = next(k for k in ("rho", "factor", "placement", "variant") if k in runs[0])
-  groups: dict = {}
-  for r in runs:
-    groups.setdefault(r[key], []).append(r["val_loss"])
+  key = _point_key(runs)
+  groups = _by_point(runs, key)
   xs = list(groups)
   means = [sum(v) / len(v) for v in groups.values()]
   lows = [m - min(v) for m, v in zip(means, groups.values(), strict=True)]
