@@ -165,6 +165,7 @@ class Block(nn.Module):
         dispatch=moe.dispatch,
         capacity_slack=moe.capacity_slack,
         expert_exchange=moe.expert_exchange,
+        block_gather_mib=moe.block_gather_mib,
         name="moe",
       )(x)
     else:

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import absltest
 
 from engram_jax import sharding
 from engram_jax.config import LOGICAL_RULES, MeshConfig
@@ -174,10 +173,6 @@ class MoETest(chex.TestCase):
     chex.assert_trees_all_close(y.astype(jnp.float32), expected, atol=5e-2, rtol=5e-2)
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 _BIASES = {
   "balanced": jnp.zeros((E,)),
   "one expert takes all": jnp.zeros((E,)).at[3].set(100.0),
@@ -185,10 +180,18 @@ _BIASES = {
 }
 
 
-@pytest.mark.parametrize("dispatch", ["ragged", "blocks"])
+# A gather budget of three blocks' weights (block_rows(N * K, E) = 8 rows; D x F float32):
+# the 'blocks' dispatch then loops over chunks of blocks.
+_THREE_BLOCKS_MIB = 3 * D * F * 4 / 2**20
+
+
+@pytest.mark.parametrize("dispatch", ["ragged", "blocks", "blocks in chunks"])
 @pytest.mark.parametrize("case", sorted(_BIASES))
 def test_every_dispatch_matches_dense(dispatch, case):
-  module, variables, x = _setup(dispatch=dispatch, routed_scaling=2.0)
+  kw = {"dispatch": dispatch}
+  if dispatch == "blocks in chunks":
+    kw = {"dispatch": "blocks", "block_gather_mib": _THREE_BLOCKS_MIB}
+  module, variables, x = _setup(routed_scaling=2.0, **kw)
   variables = {**variables, "balance": {"expert_bias": _BIASES[case]}}
   cot = jax.random.normal(jax.random.key(5), (B, T, D))
 
@@ -235,8 +238,9 @@ def test_blocks_execute_close_to_the_routed_work():
     cost = jax.jit(fn).lower(rows, w_in, w_in, w_out, sizes).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
-  forward = flops(_run_blocks)
-  backward = flops(jax.grad(lambda *a: jnp.sum(_run_blocks(*a)), argnums=(0, 1, 2, 3)))
+  run = lambda *a: _run_blocks(*a, gather_bytes=2**30)
+  forward = flops(run)
+  backward = flops(jax.grad(lambda *a: jnp.sum(run(*a)), argnums=(0, 1, 2, 3)))
   assert forward <= 1.3 * routed, forward / routed
   assert backward <= 1.3 * 3 * routed, backward / routed
   dense = flops(
@@ -245,6 +249,22 @@ def test_blocks_execute_close_to_the_routed_work():
     )
   )
   assert dense > 8 * routed  # XLA:CPU's ragged_dot: every row against every expert
+
+
+def test_blocks_loop_over_chunks_only_past_the_gather_budget():
+  rows, sizes = jnp.ones((N * K, D)), jnp.array([4, 0, 6, 2, 5, 3], jnp.int32)
+  w_in, w_out = jnp.ones((E, D, F)), jnp.ones((E, F, D))
+  one_matrix = D * F * 4
+
+  def scans(budget):  # the block layout's searchsorted is a scan too
+    jaxpr = jax.make_jaxpr(lambda *a: _run_blocks(*a, gather_bytes=budget))
+    return str(jaxpr(rows, w_in, w_in, w_out, sizes)).count("scan[")
+
+  assert scans(3 * one_matrix) == scans(1000 * one_matrix) + 1
+  want = _run_blocks(rows, w_in, w_in, w_out, sizes, gather_bytes=1000 * one_matrix)
+  for budget in (1, 3 * one_matrix, 7 * one_matrix):  # one block per step; a ragged last chunk
+    got = _run_blocks(rows, w_in, w_in, w_out, sizes, gather_bytes=budget)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("skew", [0.0, 50.0])

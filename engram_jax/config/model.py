@@ -239,6 +239,10 @@ class MoEConfig:
       devices and gets the outputs back, in buckets of `capacity_slack` x the even share, with
       the 'replicated' path when a bucket overflows) or 'replicated' (every device runs its
       experts on all of the group's tokens and the group sums the outputs).
+    block_gather_mib: the 'blocks' dispatch gathers each block's expert weights; when one
+      matrix's gather would exceed this many MiB, the blocks run as a loop over chunks that
+      stay under it (`lax.map`), so a paper-size layer does not hold a copy of its expert
+      weights per block. Memory only: the outputs are the same.
   """
 
   num_experts: int = 8
@@ -250,8 +254,10 @@ class MoEConfig:
   dispatch: str = "auto"
   capacity_slack: float = 2.0
   expert_exchange: str = "all_to_all"
+  block_gather_mib: float = 256.0
 
   def __post_init__(self):
+    _check(self.block_gather_mib > 0, "block_gather_mib", "MiB > 0", self.block_gather_mib)
     _check(self.capacity_slack > 0, "capacity_slack", "a factor > 0", self.capacity_slack)
     _check(
       self.expert_exchange in EXPERT_EXCHANGES,

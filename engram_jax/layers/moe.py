@@ -152,6 +152,7 @@ class MoE(nn.Module):
       docstring).
     capacity_slack: expert parallelism's capacity factor (`MoEConfig.capacity_slack`).
     expert_exchange: 'all_to_all' or 'replicated' (`MoEConfig.expert_exchange`).
+    block_gather_mib: the 'blocks' dispatch's gather budget (`MoEConfig.block_gather_mib`).
   """
 
   num_experts: int
@@ -164,6 +165,7 @@ class MoE(nn.Module):
   dispatch: str = "auto"
   capacity_slack: float = 2.0
   expert_exchange: str = "all_to_all"
+  block_gather_mib: float = 256.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -428,7 +430,8 @@ class MoE(nn.Module):
     """
     dt = self.dtype
     if resolve_dispatch(self.dispatch) == "blocks":
-      return _run_blocks(rows, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), group_sizes)
+      weights = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+      return _run_blocks(rows, *weights, group_sizes, int(self.block_gather_mib * 2**20))
     # [N*K, D] x [E, D, F] -> [N*K, F]
     gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), group_sizes)
     # [N*K, D] x [E, D, F] -> [N*K, F]
@@ -458,13 +461,18 @@ def _expert_mesh(num_experts: int, batch: int):
   return mesh, (expert_axes, batch_axes, x_spec, w_spec)
 
 
-def _run_blocks(rows, w_gate, w_up, w_down, group_sizes) -> jax.Array:
-  """SwiGLU of each expert on its rows, as one batched matmul over blocks of one expert each.
+def _run_blocks(rows, w_gate, w_up, w_down, group_sizes, gather_bytes: int) -> jax.Array:
+  """SwiGLU of each expert on its rows, as batched matmuls over blocks of one expert each.
+
+  All blocks run as one batched matmul when gathering one matrix per block stays within
+  `gather_bytes`; else as a loop over chunks of blocks that do (`lax.map`): the same products,
+  with at most a chunk of gathered weights alive.
 
   Args:
     rows: [Nk, D] rows sorted by expert (Nk = N*K).
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
     group_sizes: [E] rows per expert.
+    gather_bytes: the most bytes of one matrix's gathered weights at once.
 
   Returns:
     [Nk, D] expert outputs in the sorted order.
@@ -476,10 +484,26 @@ def _run_blocks(rows, w_gate, w_up, w_down, group_sizes) -> jax.Array:
   nb = block_expert.shape[0]
   # [Nk, D] -> [NB * Bk, D] (padding rows zero) -> [NB, Bk, D]
   blocks = jnp.zeros((nb * bk, d), rows.dtype).at[dest].set(rows).reshape(nb, bk, d)
-  # [NB, Bk, D] x [NB, D, F] -> [NB, Bk, F], each block against its expert's weights
-  gate = jnp.einsum("jbd,jdf->jbf", blocks, w_gate[block_expert])
-  up = jnp.einsum("jbd,jdf->jbf", blocks, w_up[block_expert])
-  hidden = jax.nn.silu(gate) * up
-  # [NB, Bk, F] x [NB, F, D] -> [NB, Bk, D] -> [NB * Bk, D]
-  out = jnp.einsum("jbf,jfd->jbd", hidden, w_down[block_expert]).reshape(nb * bk, d)
-  return out[dest]  # [NB * Bk, D] -> [Nk, D]
+
+  def swiglu(blocks, experts):
+    """[J, Bk, D] blocks of experts [J] -> [J, Bk, D], each against its expert's weights."""
+    # [J, Bk, D] x [J, D, F] -> [J, Bk, F]
+    gate = jnp.einsum("jbd,jdf->jbf", blocks, w_gate[experts])
+    up = jnp.einsum("jbd,jdf->jbf", blocks, w_up[experts])
+    hidden = jax.nn.silu(gate) * up
+    # [J, Bk, F] x [J, F, D] -> [J, Bk, D]
+    return jnp.einsum("jbf,jfd->jbd", hidden, w_down[experts])
+
+  chunk = max(1, gather_bytes // (w_gate[0].size * w_gate.dtype.itemsize))
+  if chunk >= nb:
+    out = swiglu(blocks, block_expert)
+  else:  # padded to C chunks of `chunk` blocks (zero blocks of expert 0, dropped after)
+    c = -(-nb // chunk)
+    # [NB, Bk, D] -> [C * chunk, Bk, D] -> [C, chunk, Bk, D]; [NB] -> [C, chunk]
+    padded = jnp.pad(blocks, ((0, c * chunk - nb), (0, 0), (0, 0))).reshape(c, chunk, bk, d)
+    experts = jnp.pad(block_expert, (0, c * chunk - nb)).reshape(c, chunk)
+    # Each chunk's weights are gathered again in the backward pass rather than kept.
+    step = jax.checkpoint(lambda a: swiglu(*a))
+    out = jax.lax.map(step, (padded, experts))  # [C, chunk, Bk, D]
+    out = out.reshape(c * chunk, bk, d)[:nb]  # [C, chunk, Bk, D] -> [NB, Bk, D]
+  return out.reshape(nb * bk, d)[dest]  # [NB * Bk, D] -> [Nk, D]

@@ -62,6 +62,7 @@ _FREE = (
   "config.model.moe.dispatch",  # the same outputs to float rounding
   "config.model.moe.capacity_slack",  # dropless either way: the same outputs
   "config.model.moe.expert_exchange",
+  "config.model.moe.block_gather_mib",  # memory only: the same outputs
   "config.model.remat",  # the same mathematics
   "steps",  # the top-level copy of config.train.steps
   "tokenizer.path",
