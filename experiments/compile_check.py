@@ -34,9 +34,11 @@ _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan repeated blocks (much faste
 _REMAT = flags.DEFINE_enum("remat", "full", list(REMAT_POLICIES), "Rematerialisation of blocks.")
 _DISPATCH = flags.DEFINE_enum(
   "dispatch",
-  "ragged",
+  "blocks",
   ["ragged", "blocks"],
-  "MoE dispatch compiled: 'ragged' (ragged_dot, what 'auto' picks on GPU and TPU) or 'blocks'.",
+  "MoE dispatch compiled: 'blocks' (grouped matmuls over blocks of one expert) or 'ragged' "
+  "(ragged_dot, what 'auto' picks on GPU and TPU; XLA:CPU lowers it densely, every row "
+  "against every expert, so its CPU figures overstate a GPU's).",
 )
 _JSON = flags.DEFINE_string("json", None, "Write the report here (refuses an existing file).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json file.")
