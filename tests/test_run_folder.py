@@ -145,6 +145,27 @@ def test_spike_detector():
   assert monitors.SpikeDetector(factor=0, window=5, after_step=0).check(20, 1e30) is None
 
 
+def test_throughput_leaves_out_only_pauses_between_its_steps(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(monitors.time, "perf_counter", lambda: now[0])
+  clock = monitors.Throughput(tokens_per_step=100)
+
+  def at(t, fn):
+    now[0] = t
+    return fn()
+
+  with clock.paused():  # before timing began (the compiling first step): not counted
+    at(5.0, lambda: None)
+  assert at(10.0, lambda: clock.finished(1)) == 0.0 and clock.rate() is None
+  assert at(11.0, lambda: clock.finished(2)) == 100.0
+  with clock.paused():  # an evaluation between steps 2 and 3: left out
+    at(15.0, lambda: None)
+  assert at(16.0, lambda: clock.finished(3)) == 100.0  # 200 tokens in 6 s - 4 s paused
+  with clock.paused():  # the final evaluation and checkpoint, after the last step
+    at(30.0, lambda: None)
+  assert clock.rate() == 100.0
+
+
 def test_one_line_errors():
   code, line = errors.one_line(OSError(28, "No space left on device", "/x/ckpt"))
   assert (

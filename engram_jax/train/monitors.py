@@ -73,7 +73,8 @@ class Throughput:
     self.tokens_per_step = tokens_per_step
     self._start: tuple[float, int] | None = None  # (time, step) when timing began
     self._last: tuple[float, int] | None = None
-    self._paused = 0.0
+    self._paused = 0.0  # paused seconds since timing began
+    self._paused_by_last = 0.0  # of which before the last step seen finished
 
   def finished(self, step: int) -> float:
     """Records that `step` has finished; returns the rate so far (0 before two steps)."""
@@ -81,18 +82,24 @@ class Throughput:
     if self._start is None:
       self._start = (now, step)
     self._last = (now, step)
+    self._paused_by_last = self._paused
     return self.rate() or 0.0
 
   @contextlib.contextmanager
   def paused(self):
+    """Leaves the time inside out of the rate (only time after timing began counts)."""
     start = time.perf_counter()
     try:
       yield
     finally:
-      self._paused += time.perf_counter() - start
+      if self._start is not None:
+        self._paused += time.perf_counter() - start
 
   def rate(self) -> float | None:
+    """Tokens per second, or None before two steps (or with no measurable time between)."""
     if self._start is None or self._last[1] == self._start[1]:
       return None
-    seconds = self._last[0] - self._start[0] - self._paused
-    return (self._last[1] - self._start[1]) * self.tokens_per_step / max(seconds, 1e-9)
+    seconds = self._last[0] - self._start[0] - self._paused_by_last
+    if seconds <= 0:
+      return None
+    return (self._last[1] - self._start[1]) * self.tokens_per_step / seconds
