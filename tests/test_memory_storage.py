@@ -29,6 +29,13 @@ def test_round_trip_is_within_the_bound(kind):
     assert np.max(err / np.maximum(storage.error_bound(rows, kind), 1e-38)) > 0.5
 
 
+@pytest.mark.parametrize("kind", storage.STORAGE_TYPES)
+def test_the_bound_holds_on_many_rows(kind):  # float32 rounding of scales and quotients too
+  rows = _rows(2, shape=(100_000, 64))
+  err = np.abs(storage.round_trip(rows, kind) - rows)
+  assert np.all(err <= storage.error_bound(rows, kind))
+
+
 def test_int8_layout_and_bytes():
   rows = _rows(1)
   parts = storage.encode(rows, "int8")
