@@ -229,8 +229,8 @@ def error_bound(rows, storage: str):
   """The largest round-trip error each element of `rows` may have (same shape as `rows`).
 
   float32: 0; bfloat16: |x| * 2**-8 (half a unit in the 8th significant bit); int8:
-  max|row| / 254 (half a quantisation step) + max|row| * 2**-22 (float32 rounding); mxfp8: |x| * 2**-4 plus half of e4m3's smallest
-  step at the block's scale (2**-10 * scale).
+  max|row| / 254 (half a quantisation step) + max|row| * 2**-22 (float32 rounding); mxfp8:
+  |x| * 2**-4 plus half of e4m3's smallest step at the block's scale (2**-10 * scale).
   """
   check_storage(storage)
   xp = _xp(rows)
