@@ -10,14 +10,8 @@ import pytest
 
 from engram_jax import sharding
 from engram_jax.config import LOGICAL_RULES, MeshConfig
-from engram_jax.layers.moe import (
-  MoE,
-  _run_blocks,
-  block_layout,
-  block_rows,
-  route,
-  update_expert_bias,
-)
+from engram_jax.layers.moe import MoE, route, update_expert_bias
+from engram_jax.layers.moe_blocks import block_layout, block_rows, run_blocks
 
 B, T, D = 2, 5, 8
 E, K, F = 6, 2, 4
@@ -238,7 +232,7 @@ def test_blocks_execute_close_to_the_routed_work():
     cost = jax.jit(fn).lower(rows, w_in, w_in, w_out, sizes).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
-  run = lambda *a: _run_blocks(*a, gather_bytes=2**30)
+  run = lambda *a: run_blocks(*a, gather_bytes=2**30)
   forward = flops(run)
   backward = flops(jax.grad(lambda *a: jnp.sum(run(*a)), argnums=(0, 1, 2, 3)))
   assert forward <= 1.3 * routed, forward / routed
@@ -257,13 +251,13 @@ def test_blocks_loop_over_chunks_only_past_the_gather_budget():
   one_matrix = D * F * 4
 
   def scans(budget):  # the block layout's searchsorted is a scan too
-    jaxpr = jax.make_jaxpr(lambda *a: _run_blocks(*a, gather_bytes=budget))
+    jaxpr = jax.make_jaxpr(lambda *a: run_blocks(*a, gather_bytes=budget))
     return str(jaxpr(rows, w_in, w_in, w_out, sizes)).count("scan[")
 
   assert scans(3 * one_matrix) == scans(1000 * one_matrix) + 1
-  want = _run_blocks(rows, w_in, w_in, w_out, sizes, gather_bytes=1000 * one_matrix)
+  want = run_blocks(rows, w_in, w_in, w_out, sizes, gather_bytes=1000 * one_matrix)
   for budget in (1, 3 * one_matrix, 7 * one_matrix):  # one block per step; a ragged last chunk
-    got = _run_blocks(rows, w_in, w_in, w_out, sizes, gather_bytes=budget)
+    got = run_blocks(rows, w_in, w_in, w_out, sizes, gather_bytes=budget)
     np.testing.assert_array_equal(got, want)
 
 
