@@ -22,6 +22,8 @@ def test_allocation_runs_are_iso_parameter(exp):
   assert [r.name for r in runs] == ["rho1_seed0", "rho1_seed1", "rho0.5_seed0", "rho0.5_seed1"]
   moe, engram = runs[0].exp.model, runs[2].exp.model
   assert moe.engram is None and engram.engram is not None
+  assert runs[0].coords["table_params"] == 0 and runs[2].coords["table_params"] > 0
+  assert runs[2].coords["routed_experts"] == engram.moe.num_experts
   assert engram.moe.num_experts < moe.moe.num_experts
   total = lambda m: params_lib.count_params(m).total
   assert total(engram) <= total(moe)
@@ -88,8 +90,8 @@ def test_run_study_skips_finished_runs_and_resumes_the_rest(exp, tmp_path, monke
   assert json.loads((tmp_path / "ablations.json").read_text()) == summary
   assert (tmp_path / "ablations.png").stat().st_size > 1000
   rows = studies.table(summary).splitlines()
-  assert rows[0] == "| variant | seed 0 | seed 1 | mean | range | vs first |"
-  assert rows[3] == "| no_gate | 5.0000 | 5.1000 | 5.0500 | 0.1000 | +0.0000 |"
+  assert rows[0] == "| variant | seed 0 | seed 1 | mean | range | vs first (s.e.) |"
+  assert rows[3] == "| no_gate | 5.0000 | 5.1000 | 5.0500 | 0.1000 | +0.0000 (0.0000) |"
   calls.clear()
   studies.run_study("ablations", runs, tmp_path, lambda r: "")
   assert calls == []  # every run finished: nothing trains again
@@ -130,6 +132,18 @@ def test_log_linear_fit_recovers_the_slope_and_its_standard_error():
   assert fit["slope"] == pytest.approx(slope) and fit["slope_stderr"] == pytest.approx(stderr)
   with pytest.raises(ValueError, match=">= 3 points over >= 2 sizes"):
     studies.log_linear_fit([1e3, 1e3, 1e3], [1.0, 2.0, 3.0])
+
+
+def test_table_differences_are_paired_by_seed():
+  runs = [
+    {"rho": rho, "seed": seed, "val_loss": loss}
+    for rho, losses in ((1.0, (5.0, 5.2, 5.4)), (0.5, (4.9, 5.2, 5.2)))
+    for seed, loss in enumerate(losses)
+  ]
+  rows = studies.table({"runs": runs}).splitlines()
+  assert rows[2] == "| 1.0 | 5.0000 | 5.2000 | 5.4000 | 5.2000 | 0.4000 | +0.0000 |"
+  # differences -0.1, 0, -0.2: mean -0.1, standard error 0.1 / sqrt(3)
+  assert rows[3] == "| 0.5 | 4.9000 | 5.2000 | 5.2000 | 5.1000 | 0.3000 | -0.1000 (0.0577) |"
 
 
 def test_memory_scaling_summary_has_the_fit(exp, tmp_path, monkeypatch):

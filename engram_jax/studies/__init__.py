@@ -72,9 +72,14 @@ def allocation(
   runs = []
   for rho in rhos:
     model = base.model if rho == 1.0 else params_lib.iso_param_engram(base.model, rho, engram)
+    point = {
+      "rho": rho,
+      "routed_experts": model.moe.num_experts,
+      "table_params": params_lib.count_params(model).engram_tables,
+    }
     for seed in seeds:
       run_exp = dataclasses.replace(_with(base, seed, steps), model=model)
-      runs.append(StudyRun(f"rho{rho:g}_seed{seed}", run_exp, {"rho": rho, "seed": seed}))
+      runs.append(StudyRun(f"rho{rho:g}_seed{seed}", run_exp, {**point, "seed": seed}))
   return runs
 
 
@@ -281,25 +286,28 @@ def _by_point(runs: Sequence[dict], key: str) -> dict:
 
 def table(summary: dict) -> str:
   """The study as a Markdown table: per point, each seed's validation loss, their mean and
-  range (max - min), and the mean's difference to the first point (the reference: rho = 1,
-  the smallest table, block 0 or the full model)."""
+  range (max - min), and the mean difference to the first point (the reference: rho = 1, the
+  smallest table, block 0 or the full model) with its standard error over the seeds, paired
+  (each seed against the same seed of the first point: seeds share data order and init)."""
   runs = summary["runs"]
   key = _point_key(runs)
   groups = _by_point(runs, key)
   seeds = sorted({r["seed"] for r in runs})
-  extra = "table_params" if key == "factor" else None
-  sizes = {r[key]: r[extra] for r in runs} if extra else {}
-  head = [key] + ([extra] if extra else []) + [f"seed {s}" for s in seeds]
-  head += ["mean", "range", "vs first"]
+  extras = [k for k in ("routed_experts", "table_params") if k in runs[0]]
+  point_of = {r[key]: r for r in runs}
+  head = [key, *extras, *(f"seed {s}" for s in seeds), "mean", "range", "vs first (s.e.)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   first = None
   for point, losses in groups.items():
     by_seed = {r["seed"]: r["val_loss"] for r in runs if r[key] == point}
-    mean = sum(losses) / len(losses)
-    first = mean if first is None else first
-    cells = [str(point)] + ([f"{sizes[point]:,}"] if extra else [])
+    first = by_seed if first is None else first
+    paired = [by_seed[s] - first[s] for s in seeds if s in by_seed and s in first]
+    diff = f"{np.mean(paired):+.4f}" if paired else ""
+    if len(paired) > 1 and point != next(iter(groups)):
+      diff += f" ({np.std(paired, ddof=1) / np.sqrt(len(paired)):.4f})"
+    cells = [str(point), *(f"{point_of[point][k]:,}" for k in extras)]
     cells += [f"{by_seed[s]:.4f}" if s in by_seed else "" for s in seeds]
-    cells += [f"{mean:.4f}", f"{max(losses) - min(losses):.4f}", f"{mean - first:+.4f}"]
+    cells += [f"{np.mean(losses):.4f}", f"{max(losses) - min(losses):.4f}", diff]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
