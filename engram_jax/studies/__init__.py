@@ -313,7 +313,7 @@ def table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: pathlib.Path) -> None:
-  """Validation loss per run coordinate (mean and the seeds' spread)."""
+  """Validation loss per run coordinate: each seed's runs (grey) and their mean."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -324,11 +324,13 @@ def plot(summary: dict, path: pathlib.Path) -> None:
   groups = _by_point(runs, key)
   xs = list(groups)
   means = [sum(v) / len(v) for v in groups.values()]
-  lows = [m - min(v) for m, v in zip(means, groups.values(), strict=True)]
-  highs = [max(v) - m for m, v in zip(means, groups.values(), strict=True)]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   positions = xs if key in ("rho", "factor") else list(range(len(xs)))
-  ax.errorbar(positions, means, yerr=[lows, highs], fmt="o-", capsize=3)
+  where = dict(zip(xs, positions, strict=True))
+  for seed in sorted({r["seed"] for r in runs}):  # seeds share data order: they move alike
+    mine = [r for r in runs if r["seed"] == seed]
+    ax.plot([where[r[key]] for r in mine], [r["val_loss"] for r in mine], ".-", color="0.75", lw=1)
+  ax.plot(positions, means, "o-", color="C0", label="mean over seeds")
   if key == "factor":
     ax.set_xscale("log")
   fit = summary.get("fit")
@@ -336,13 +338,13 @@ def plot(summary: dict, path: pathlib.Path) -> None:
     size_of = {r["factor"]: r["table_params"] for r in runs}
     line = [fit["intercept"] + fit["slope"] * np.log(size_of[x]) for x in xs]
     label = f"fit: {fit['slope_per_doubling']:+.4f} ± {fit['slope_stderr'] * np.log(2):.4f} / 2x"
-    ax.plot(xs, line, "--", color="gray", label=label)
-    ax.legend(loc="best", fontsize=8)
+    ax.plot(xs, line, "--", color="C3", label=label)
+  ax.legend(loc="best", fontsize=8)
   if key in ("placement", "variant"):
     ax.set_xticks(positions, [str(x) for x in xs], rotation=30, ha="right")
   ax.set_xlabel(key)
   ax.set_ylabel("validation loss")
-  ax.set_title(f"{summary['study']} ({len(runs)} runs; bars: seed range)")
+  ax.set_title(f"{summary['study']} ({len(runs)} runs; grey: each seed)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
