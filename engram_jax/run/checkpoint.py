@@ -57,7 +57,9 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max(2, max_to_keep),
+        # A read-only manager keeps and saves nothing (orbax warns unless told so).
+        max_to_keep=None if read_only else max(2, max_to_keep),
+        save_interval_steps=0 if read_only else 1,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=False,
