@@ -134,6 +134,17 @@ def test_log_linear_fit_recovers_the_slope_and_its_standard_error():
     studies.log_linear_fit([1e3, 1e3, 1e3], [1.0, 2.0, 3.0])
 
 
+def test_log_linear_fit_gives_each_seed_its_intercept():
+  sizes = [1e3, 2e3, 4e3, 8e3] * 2
+  seeds = [0] * 4 + [1] * 4
+  losses = [5.0 - 0.03 * np.log(s) + 0.1 * seed for s, seed in zip(sizes, seeds, strict=True)]
+  pooled = studies.log_linear_fit(sizes, losses)
+  paired = studies.log_linear_fit(sizes, losses, seeds)
+  assert paired["slope"] == pytest.approx(-0.03) and paired["slope_stderr"] < 1e-9
+  assert paired["seeds"] == 2 and pooled["seeds"] == 1
+  assert pooled["slope_stderr"] > 1e-3  # the seed offset lands in the pooled fit's residuals
+
+
 def test_table_differences_are_paired_by_seed():
   runs = [
     {"rho": rho, "seed": seed, "val_loss": loss}

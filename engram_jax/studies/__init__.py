@@ -234,7 +234,7 @@ def run_study(
   }
   if study == "memory_scaling" and len({r["table_params"] for r in rows}) > 2:
     summary["fit"] = log_linear_fit(
-      [r["table_params"] for r in rows], [r["val_loss"] for r in rows]
+      [r["table_params"] for r in rows], [r["val_loss"] for r in rows], [r["seed"] for r in rows]
     )
   root.mkdir(parents=True, exist_ok=True)
   tmp = root / f".{study}.json.tmp"
@@ -244,31 +244,44 @@ def run_study(
   return summary
 
 
-def log_linear_fit(sizes: Sequence[float], losses: Sequence[float]) -> dict:
-  """Least-squares fit of loss = intercept + slope * ln(size) over every run (seeds included).
+def log_linear_fit(
+  sizes: Sequence[float], losses: Sequence[float], seeds: Sequence[int] | None = None
+) -> dict:
+  """Least-squares fit of loss = intercept[seed] + slope * ln(size) over every run.
+
+  With `seeds`, each seed has its own intercept (seeds share data order and initialisation,
+  which shifts all of a seed's losses alike): the slope comes from the differences within each
+  seed. Without, one intercept for all runs.
 
   Returns:
-    {"slope": per e-fold of size, "slope_stderr": its standard error (n - 2 degrees of
-    freedom), "slope_per_doubling": slope * ln 2, "intercept", "points": n}.
+    {"slope": per e-fold of size, "slope_stderr": its standard error (n - seeds - 1 degrees of
+    freedom), "slope_per_doubling": slope * ln 2, "intercept": the mean intercept, "points": n,
+    "seeds": the number of intercepts}.
 
   Raises:
-    ValueError: fewer than 3 points or fewer than 2 distinct sizes.
+    ValueError: fewer points than intercepts + 2, or fewer than 2 distinct sizes.
   """
   x = np.log(np.asarray(sizes, np.float64))
   y = np.asarray(losses, np.float64)
-  if x.size < 3 or np.ptp(x) == 0:
-    raise ValueError(f"log_linear_fit: expected >= 3 points over >= 2 sizes, got {sizes}")
-  xc = x - x.mean()
-  slope = float(xc @ (y - y.mean()) / (xc @ xc))
-  intercept = float(y.mean() - slope * x.mean())
-  residual = y - (intercept + slope * x)
-  stderr = float(np.sqrt(residual @ residual / (x.size - 2) / (xc @ xc)))
+  groups = np.unique(np.asarray(seeds), return_inverse=True)[1] if seeds is not None else None
+  groups = np.zeros(x.size, np.int64) if groups is None else groups.reshape(-1)
+  k = int(groups.max()) + 1
+  if x.size < k + 2 or np.ptp(x) == 0:
+    raise ValueError(
+      f"log_linear_fit: expected >= {k + 2} points over >= 2 sizes, got {list(sizes)}"
+    )
+  mean_of = lambda v: (np.bincount(groups, v) / np.bincount(groups))[groups]  # per seed
+  xc, yc = x - mean_of(x), y - mean_of(y)
+  slope = float(xc @ yc / (xc @ xc))
+  residual = yc - slope * xc
+  stderr = float(np.sqrt(residual @ residual / (x.size - k - 1) / (xc @ xc)))
   return {
     "slope": slope,
     "slope_stderr": stderr,
     "slope_per_doubling": slope * float(np.log(2.0)),
-    "intercept": intercept,
+    "intercept": float(np.mean(y - slope * x)),
     "points": int(x.size),
+    "seeds": k,
   }
 
 
