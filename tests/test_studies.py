@@ -72,6 +72,7 @@ def test_run_study_skips_finished_runs_and_resumes_the_rest(exp, tmp_path, monke
     calls.append((workdir.name, resume))
     workdir.mkdir(parents=True, exist_ok=True)
     loss = 5.0 + run_exp.train.seed / 10
+    (workdir / "run.json").write_text(json.dumps({"commit": f"c{run_exp.train.seed}"}))
     (workdir / "results.json").write_text(json.dumps({"val_loss": loss, "steps": 2}))
     return {"val_loss": loss, "steps": 2}
 
@@ -87,6 +88,7 @@ def test_run_study_skips_finished_runs_and_resumes_the_rest(exp, tmp_path, monke
   ]
   assert [r["val_loss"] for r in summary["runs"]] == [5.0, 5.1, 5.0, 5.1]
   assert summary["runs"][1]["command"] == "cmd full_seed1" and summary["cpu"]
+  assert [r["trained_at"] for r in summary["runs"]] == ["c0", "c1", "c0", "c1"]
   assert json.loads((tmp_path / "ablations.json").read_text()) == summary
   assert (tmp_path / "ablations.png").stat().st_size > 1000
   rows = studies.table(summary).splitlines()

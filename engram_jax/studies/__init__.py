@@ -172,6 +172,12 @@ def _cpu() -> str:
   return platform.processor() or platform.machine()
 
 
+def _trained_at(rundir: pathlib.Path) -> str | None:
+  """The commit a run was trained at, from its run.json (None if unknown)."""
+  record = rundir / folder.RUN_FILE
+  return json.loads(record.read_text()).get("commit") if record.exists() else None
+
+
 def run_study(
   study: str,
   runs: Sequence[StudyRun],
@@ -194,7 +200,8 @@ def run_study(
     progress: progress bars.
 
   Returns:
-    The summary written to `workdir/<study>.json`.
+    The summary written to `workdir/<study>.json`: its "commit" is the code that wrote it, each
+    run's "trained_at" the commit it was trained at (from its run.json).
   """
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
@@ -224,6 +231,7 @@ def run_study(
         "steps": results.get("steps"),
         "command": command(run),
         "workdir": str(rundir),
+        "trained_at": _trained_at(rundir),
       }
     )
   summary = {
