@@ -354,6 +354,8 @@ def plot(summary: dict, path: pathlib.Path) -> None:
   ax.plot(positions, means, "o-", color="C0", label="mean over seeds")
   if key == "factor":
     ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(xs, [f"x{x:g}" for x in xs])
   fit = summary.get("fit")
   if fit:  # the log-linear fit, drawn over the factors (size is proportional to factor)
     size_of = {r["factor"]: r["table_params"] for r in runs}
