@@ -45,10 +45,16 @@ def quantize_blocks(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return codes, scale
 
 
+def ceil_log2(x, xp=jnp):
+  """ceil(log2(x)) for x > 0 as integers, exactly, from the float's own exponent (a float
+  log2 can land a hair above an integer). `xp`: jax.numpy or NumPy (the host storage path)."""
+  mantissa, exponent = xp.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
+  return xp.where(mantissa == 0.5, exponent - 1, exponent)
+
+
 def pow2_ceil(x: jax.Array) -> jax.Array:
-  """2 ** ceil(log2(x)) for x > 0, exactly (a float log2 can land a hair above an integer)."""
-  mantissa, exponent = jnp.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
-  return jnp.ldexp(jnp.ones_like(x), jnp.where(mantissa == 0.5, exponent - 1, exponent))
+  """2 ** ceil(log2(x)) for x > 0, exactly."""
+  return jnp.ldexp(jnp.ones_like(x), ceil_log2(x))
 
 
 def e8m0_to_float32(exponent: jax.Array) -> jax.Array:

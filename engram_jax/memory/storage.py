@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from engram_jax.config import STORAGE_TYPES
+from engram_jax.layers import fp8
 
 _INT8_MAX = 127.0
 _E4M3_MAX = 448.0
@@ -125,8 +126,7 @@ def _encode_mxfp8(xp, rows) -> dict:
   amax = xp.max(xp.abs(blocks), axis=-1)  # [..., Dh/32]
   # log2 of the block's amax over 448, rounded up (exactly, from the float's own exponent):
   # the smallest power of two that fits it.
-  mantissa, power = xp.frexp(xp.where(amax > 0, amax, _E4M3_MAX) / np.float32(_E4M3_MAX))
-  power = xp.where(mantissa == 0.5, power - 1, power)
+  power = fp8.ceil_log2(xp.where(amax > 0, amax, _E4M3_MAX) / np.float32(_E4M3_MAX), xp)
   exponent = xp.clip(power + 127, 0, 254).astype(np.int32)  # [..., Dh/32]
   scaled = _times_e8m0(xp, blocks, 254 - exponent[..., None])  # / 2 ** (e - 127): exact
   codes = xp.clip(scaled, -_E4M3_MAX, _E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
