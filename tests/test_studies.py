@@ -178,3 +178,24 @@ def test_the_study_preset_is_cpu_small_shortened():
   assert study.model == small.model and study.train.steps < small.train.steps
   assert study.train.eval_every == study.train.steps  # one evaluation, at the end
   assert study.train.steps % study.train.checkpoint_every == 0
+
+
+@pytest.mark.parametrize(
+  ("study", "make"),
+  [
+    ("allocation", lambda exp: studies.allocation(exp, [1.0, 0.5], [0], steps=2)),
+    ("memory_scaling", lambda exp: studies.memory_scaling(exp, [0.5, 1.0, 2.0], [0], steps=2)),
+    ("placement", lambda exp: studies.placement(exp, [0], steps=2)),
+    ("ablations", lambda exp: studies.ablations(exp, [0], steps=2, variants=["no_gate"])),
+  ],
+)
+def test_each_study_trains_at_tiny_size(study, make, exp, small_corpus, tmp_path):
+  runs = make(exp)
+  summary = studies.run_study(
+    study, runs, tmp_path, lambda r: r.name, corpus_files=(small_corpus,), progress=False
+  )
+  assert [r["name"] for r in summary["runs"]] == [r.name for r in runs]
+  assert all(np.isfinite(r["val_loss"]) and r["steps"] == 2 for r in summary["runs"])
+  assert json.loads((tmp_path / f"{study}.json").read_text()) == summary
+  assert (tmp_path / f"{study}.png").stat().st_size > 1000
+  assert ("fit" in summary) == (study == "memory_scaling")
