@@ -4,8 +4,6 @@ import collections
 import dataclasses
 import html
 import json
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -177,18 +175,22 @@ def test_zeroing_engram_equals_gates_forced_to_zero(model, tokens):
   variables = {"params": model.params, "balance": model.balance}
   rows = {i: jnp.asarray(r) for i, r in model.rows(tokens).items()}
   x = jnp.asarray(tokens, jnp.int32)
-  with nn.intercept_methods(_gates_closed):
-    (closed, _), state = EngramLM(model.model_cfg).apply(
-      variables, x, rows, mutable=["intermediates"]
-    )
+  lm = EngramLM(model.model_cfg)
+
+  @jax.jit  # the interceptor acts while tracing; one compile instead of one per operation
+  def gates_closed(variables, x, rows):
+    with nn.intercept_methods(_gates_closed):
+      return lm.apply(variables, x, rows, mutable=["intermediates"])
+
+  (closed, _), state = gates_closed(variables, x, rows)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(state))
   zeroed = model.forward(tokens, zero_engram=True)
-  np.testing.assert_allclose(zeroed.logits, closed, atol=1e-5)  # jitted vs eager
+  np.testing.assert_allclose(zeroed.logits, closed, atol=1e-5)
   full = model.forward(tokens)
   assert np.abs(full.logits - zeroed.logits).max() > 1e-3
   # Zero rows are not the same: the projection's bias still reaches the streams.
   zero_rows = {i: jnp.zeros_like(r) for i, r in rows.items()}
-  zero_rows_logits, _ = EngramLM(model.model_cfg).apply(variables, x, zero_rows)
+  zero_rows_logits, _ = jax.jit(lm.apply)(variables, x, zero_rows)
   assert np.abs(zero_rows_logits - zeroed.logits).max() > 1e-6
   # The gates are still computed (and recorded) while the branch is removed.
   np.testing.assert_allclose(zeroed.gates[1], full.gates[1])
@@ -297,20 +299,12 @@ def test_table_diagnostics_count_rows_like_brute_force(loaded):
 # --- The script ---
 
 
-def _analyze(*flags):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.analyze", *flags],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-
-
-def test_analyze_script_writes_everything_and_never_overwrites(tiny_run, tmp_path):
+def test_analyze_script_writes_everything_and_never_overwrites(tiny_run, tmp_path, run_scripts):
   workdir, _, _ = tiny_run
   out = tmp_path / "analysis"
   flags = [f"--workdir={workdir}", f"--baseline={workdir}", f"--out={out}", "--min_count=2"]
-  r = _analyze(*flags)
+  # Twice, as `python -m experiments.analyze` runs: in one process (conftest).
+  r, again = run_scripts([("experiments.analyze", flags), ("experiments.analyze", flags)])
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads((out / "analysis.json").read_text())
   for name in summary["files"]:
@@ -324,9 +318,9 @@ def test_analyze_script_writes_everything_and_never_overwrites(tiny_run, tmp_pat
   assert sens["all"]["tokens"] == summary["validation_tokens"]
   tables = json.loads((out / "tables.json").read_text())
   assert tables["layers"]["1"]["rows_touched"] > 0
-  before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
-  r = _analyze(*flags)
-  assert r.returncode == 2 and "Traceback" not in r.stderr
-  assert "already exists" in r.stderr and "another --out" in r.stderr
-  assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+  # The second run refused, and wrote, moved or removed nothing: every file the first one
+  # listed is still there (checked above), none newer than the end of the first run.
+  assert again.returncode == 2 and "Traceback" not in again.stderr
+  assert "already exists" in again.stderr and "another --out" in again.stderr
+  assert all(p.stat().st_mtime_ns <= r.ended_ns for p in [out, *out.iterdir()])
   assert not list(tmp_path.glob(".analysis.partial-*"))

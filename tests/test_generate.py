@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,7 +60,8 @@ def test_padding_does_not_change_the_logits(trained):
     layer: jnp.asarray(gen.tables[layer].fetch(layout.row_ids(hash_ids[layer])))
     for layer, layout in gen.hashing.layouts.items()
   }
-  logits, _ = EngramLM(gen.model_cfg).apply(
+  # The whole unpadded sequence through the model (jitted: one compile, not one per operation).
+  logits, _ = jax.jit(EngramLM(gen.model_cfg).apply)(
     {"params": gen.params, "balance": gen.balance}, jnp.asarray(ids, jnp.int32), rows
   )
   np.testing.assert_allclose(padded, np.asarray(logits[0, -1]), rtol=1e-5, atol=1e-5)
@@ -104,30 +106,16 @@ def test_serves_a_run_with_its_own_tokenizer(small_corpus, tmp_path):
   assert Generator.from_checkpoint(run, tokenizer_file=str(tmp_path / "elsewhere.json"))
 
 
-def test_generate_script_reports_one_line(trained, tmp_path):
-  import subprocess
-  import sys
-
+def test_generate_script_reports_one_line(trained, tmp_path, run_scripts):
   workdir = trained
-  r = subprocess.run(
-    [sys.executable, "-m", "experiments.generate", f"--workdir={workdir}", "--max_new_tokens=3"],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert r.returncode == 0, r.stderr[-2000:]
-  r = subprocess.run(
+  # Both as `python -m experiments.generate` runs them, in one process (conftest).
+  ok, r = run_scripts(
     [
-      sys.executable,
-      "-m",
-      "experiments.generate",
-      f"--workdir={workdir}",
-      f"--tokenizer={tmp_path / 'none.json'}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
+      ("experiments.generate", [f"--workdir={workdir}", "--max_new_tokens=3"]),
+      ("experiments.generate", [f"--workdir={workdir}", f"--tokenizer={tmp_path / 'none.json'}"]),
+    ]
   )
+  assert ok.returncode == 0, ok.stderr[-2000:]
   assert r.returncode == 1 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("generate: ")
 

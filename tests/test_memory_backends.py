@@ -1,8 +1,11 @@
 """Tests for engram_jax/memory/backends.py: the backend contract, training with the tables on
 each backend, and checkpoints that move between backends."""
 
+import contextlib
 import dataclasses
+import functools
 import json
+import shutil
 import signal
 
 import jax
@@ -14,10 +17,25 @@ from engram_jax.config import MemoryConfig, MeshConfig
 from engram_jax.memory import backends as backend_lib
 from engram_jax.memory.backends import table_key
 from engram_jax.memory.table import TableLayout
+from engram_jax.run import folder
 from engram_jax.train import loop
 from engram_jax.train.step import Trainer
 
 B, T = 8, 16
+
+# Compiling dominates these tests: the programs below are compiled with XLA:CPU's older (LLVM IR)
+# fusion emitters, which take about half the time of its MLIR ones, to the same results within
+# rounding. Every backend of a comparison is compiled alike.
+FAST = {"xla_cpu_use_fusion_emitters": False}
+
+
+@contextlib.contextmanager
+def _compiled_fast():
+  """Within it, every `jax.jit` compiles with FAST: the library's own too (`loop.train`'s
+  steps), which take no compiler options."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    yield
 
 
 def _backend(kind, mesh=None, **options):
@@ -45,10 +63,16 @@ def _batches(n, heads):
   return out
 
 
+def _init(trainer):
+  """A fresh state of `trainer`, placed."""
+  init = jax.jit(lambda k: trainer.init(k, B, T), compiler_options=FAST)
+  return trainer.place(init(jax.random.key(0)))
+
+
 def _run(backend, steps=3):
   trainer = _trainer(backend)
-  state = trainer.place(jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0)))
-  step = jax.jit(trainer.train_step, donate_argnums=0)
+  state = _init(trainer)
+  step = jax.jit(trainer.train_step, donate_argnums=0, compiler_options=FAST)
   losses = []
   for batch in _batches(steps, 4):
     state, m = step(state, trainer.shard_batch(batch))
@@ -87,7 +111,7 @@ def test_sharded_tables_data_parallel_like_one_device(on_device):
 
 def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device):
   trainer = _trainer(_backend("tiered", cache_fraction=0.1))
-  state = trainer.place(jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0)))
+  state = _init(trainer)
   batches = _batches(3, 4)
   state = trainer.calibrate(state, batches[:1])
   cache = state.tables[table_key(1)]
@@ -95,7 +119,7 @@ def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device)
   rows = (batches[0]["hash_ids"][1] + trainer.layouts[1].offsets).reshape(-1)
   hottest = np.bincount(rows).argmax()  # the row the calibration batch read most
   assert hottest in np.asarray(cache.cached_ids)
-  step = jax.jit(trainer.train_step, donate_argnums=0)
+  step = jax.jit(trainer.train_step, donate_argnums=0, compiler_options=FAST)
   losses = []
   for batch in batches:
     state, m = step(state, trainer.shard_batch(batch))
@@ -134,14 +158,14 @@ def test_calibrate_reads_batches_only_when_it_keeps_a_cache():
     yield
 
   trainer = _trainer(_backend("device"))
-  state = jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0))
+  state = jax.jit(lambda k: trainer.init(k, B, T), compiler_options=FAST)(jax.random.key(0))
   assert trainer.calibrate(state, batches()) is not None
 
 
-def test_checkpoint_moves_between_backends(tiny_run, tmp_path):
-  ref_dir, corpus, _ = tiny_run  # the shared `tiny` run, on the device backend
+def test_checkpoint_moves_between_backends(finished_run, tmp_path):
+  workdir, corpus, _ = finished_run  # a copy of the shared `tiny` run, on the device backend
   exp = presets.tiny()
-  kw = dict(corpus_files=corpus, progress=False)
+  kw = dict(corpus_files=(corpus,), progress=False)
 
   def on(exp, kind, devices=1):
     return dataclasses.replace(exp, memory=MemoryConfig(kind=kind), mesh=MeshConfig(devices))
@@ -153,19 +177,28 @@ def test_checkpoint_moves_between_backends(tiny_run, tmp_path):
 
     return hook
 
-  # One run moved across three backends: host for steps 1-2, sharded over 2 devices for 3-4,
-  # tiered for 5-6.
-  with pytest.raises(loop.Interrupted):
-    loop.train(on(exp, "host"), tmp_path / "moved", on_step=stop_at(2), **kw)
-  with pytest.raises(loop.Interrupted):
-    loop.train(on(exp, "sharded", 2), tmp_path / "moved", resume=True, on_step=stop_at(4), **kw)
-  loop.train(on(exp, "tiered"), tmp_path / "moved", resume=True, **kw)
-
   def losses(d):
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
-  want, got = losses(ref_dir), losses(tmp_path / "moved")
+  # The run's checkpoint of step 3 on the device backend moved across three backends: host for
+  # step 4, sharded over 2 devices for step 5, tiered for step 6.
+  want = losses(workdir)
+  shutil.move(workdir / "checkpoints" / "6", tmp_path / "moved-6")  # its newest: step 3
+  with _compiled_fast():
+    with pytest.raises(loop.Interrupted):
+      loop.train(on(exp, "host"), workdir, resume=True, on_step=stop_at(4), **kw)
+    with pytest.raises(loop.Interrupted):
+      loop.train(on(exp, "sharded", 2), workdir, resume=True, on_step=stop_at(5), **kw)
+    loop.train(on(exp, "tiered"), workdir, resume=True, **kw)
+  resumes = json.loads((workdir / folder.RUN_FILE).read_text())["resumes"]
+  assert [(r["from_step"], r["memory"]["kind"]) for r in resumes] == [
+    (3, "host"),
+    (4, "sharded"),
+    (5, "tiered"),
+  ]
+
+  got = losses(workdir)
   assert sorted(got) == sorted(want)
   np.testing.assert_allclose(
     [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5

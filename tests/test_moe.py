@@ -1,6 +1,8 @@
 """Tests for engram_jax/layers/moe.py: both dispatches against a dense reference, routing rules,
 the block layout and the executed work."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -17,6 +19,10 @@ B, T, D = 2, 5, 8
 E, K, F = 6, 2, 4
 N = B * T
 
+# Compiled with XLA:CPU's older (LLVM IR) fusion emitters: compiling dominates these tests, and
+# it takes about half the time of the MLIR emitters'.
+_jit = functools.partial(jax.jit, compiler_options={"xla_cpu_use_fusion_emitters": False})
+
 
 def _module(**kw):
   args = dict(num_experts=E, top_k=K, expert_hidden=F, num_shared=1, routed_scaling=1.0)
@@ -27,7 +33,7 @@ def _module(**kw):
 def _setup(**kw):
   module = _module(**kw)
   x = jax.random.normal(jax.random.key(0), (B, T, D))
-  variables = nn.unbox(jax.jit(module.init)(jax.random.key(1), x))
+  variables = nn.unbox(_jit(module.init)(jax.random.key(1), x))
   return module, variables, x
 
 
@@ -56,7 +62,7 @@ def dense_reference(variables, x, top_k, routed_scaling):
   return y.reshape(B, T, D), chosen
 
 
-_dense = jax.jit(dense_reference, static_argnums=(2, 3))
+_dense = _jit(dense_reference, static_argnums=(2, 3))
 
 
 class MoETest(chex.TestCase):
@@ -80,9 +86,9 @@ class MoETest(chex.TestCase):
       y, _ = dense_reference({**variables, "params": params}, x_, K, 2.0)
       return jnp.sum(y * cot)
 
-    grad = jax.jit(jax.grad(loss_ragged, argnums=(0, 1)))
+    grad = _jit(jax.grad(loss_ragged, argnums=(0, 1)))
     got = grad(variables["params"], x)
-    want = jax.jit(jax.grad(loss_dense, argnums=(0, 1)))(variables["params"], x)
+    want = _jit(jax.grad(loss_dense, argnums=(0, 1)))(variables["params"], x)
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)
     # Every routed weight and the router get a gradient (the gates carry the router's).
     for name in ("router", "w_gate", "w_up", "w_down"):
@@ -104,7 +110,7 @@ class MoETest(chex.TestCase):
     # A large bias on expert 3 puts it in every token's top-k, which the scores alone do not.
     bias = jnp.zeros((E,)).at[3].set(10.0)
     flipped = {**variables, "balance": {"expert_bias": bias}}
-    y, load = jax.jit(module.apply)(flipped, x)
+    y, load = _jit(module.apply)(flipped, x)
     expected, choice = _dense(flipped, x, K, 1.0)
     self.assertTrue(bool(jnp.all(jnp.any(choice == 3, axis=-1))))
     self.assertFalse(bool(jnp.all(jnp.any(unbiased_choice == 3, axis=-1))))
@@ -121,7 +127,7 @@ class MoETest(chex.TestCase):
 
   def test_load_sums_to_one_and_counts_assignments(self):
     module, variables, x = _setup()
-    _, load = jax.jit(module.apply)(variables, x)
+    _, load = _jit(module.apply)(variables, x)
     _, choice = _dense(variables, x, K, 1.0)
     counts = np.bincount(np.asarray(choice).ravel(), minlength=E)
     np.testing.assert_allclose(load, counts / (N * K), rtol=1e-6)
@@ -136,7 +142,7 @@ class MoETest(chex.TestCase):
   def test_no_token_dropped_when_all_pick_one_expert(self):
     module, variables, x = _setup(top_k=1, num_shared=0)
     crowded = {**variables, "balance": {"expert_bias": jnp.zeros((E,)).at[0].set(100.0)}}
-    y, load = jax.jit(module.apply)(crowded, x)
+    y, load = _jit(module.apply)(crowded, x)
     np.testing.assert_allclose(load, np.eye(E)[0], atol=0.0)
     p = crowded["params"]
     # top_k=1: the gate is s/s = 1, so every token is expert 0's full SwiGLU.
@@ -147,7 +153,7 @@ class MoETest(chex.TestCase):
   def test_params_and_balance_collection(self):
     module = _module()
     x = jnp.zeros((B, T, D))
-    variables = jax.jit(module.init)(jax.random.key(0), x)
+    variables = _jit(module.init)(jax.random.key(0), x)
     specs = nn.get_partition_spec(variables)
     self.assertEqual(tuple(specs["params"]["router"]), ("embed", "expert"))
     self.assertEqual(tuple(specs["params"]["w_gate"]), ("expert", "embed", "mlp"))
@@ -160,7 +166,7 @@ class MoETest(chex.TestCase):
 
   def test_bfloat16_compute_path(self):
     module, variables, x = _setup(dtype=jnp.bfloat16)
-    y, load = jax.jit(module.apply)(variables, x)
+    y, load = _jit(module.apply)(variables, x)
     expected, _ = _dense(variables, x, K, 1.0)
     self.assertEqual(y.dtype, jnp.bfloat16)
     self.assertEqual(load.dtype, jnp.float32)
@@ -193,18 +199,16 @@ def test_every_dispatch_matches_dense(dispatch, case):
     y, _ = fn({**variables, "params": params}, x_)
     return jnp.sum(y * cot)
 
-  y, load = jax.jit(module.apply)(variables, x)
+  y, load = _jit(module.apply)(variables, x)
   want_y, _ = _dense(variables, x, K, 2.0)
   chex.assert_trees_all_close(y, want_y, atol=1e-5, rtol=1e-5)
   if case == "one expert takes all":
     assert float(load[3]) == 0.5  # K = 2: every token's first choice
   if case == "two experts idle":
     assert float(load[0]) == float(load[5]) == 0.0
-  got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
-    variables["params"], x, module.apply
-  )
+  got = _jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables["params"], x, module.apply)
   dense = lambda v, x_: dense_reference(v, x_, K, 2.0)
-  want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables["params"], x, dense)
+  want = _jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables["params"], x, dense)
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -287,7 +291,7 @@ def test_expert_parallel_equals_one_device_and_drops_nothing(skew, mesh_cfg, exc
     expert_exchange=exchange,
   )
   x = jax.random.normal(jax.random.key(0), (4, 6, 32))
-  variables = nn.unbox(layer.init(jax.random.key(1), x))
+  variables = nn.unbox(_jit(layer.init)(jax.random.key(1), x))
   bias = jnp.zeros((8,)).at[:2].set(skew)
   variables = {**variables, "balance": {"expert_bias": bias}}
 
@@ -296,7 +300,7 @@ def test_expert_parallel_equals_one_device_and_drops_nothing(skew, mesh_cfg, exc
     return jnp.sum(y**2), (y, load)
 
   # Two functions: jit caches a trace per function, and the mesh is read while tracing.
-  grad = lambda: jax.jit(jax.value_and_grad(lambda p, x: loss(p, x), (0, 1), has_aux=True))
+  grad = lambda: _jit(jax.value_and_grad(lambda p, x: loss(p, x), (0, 1), has_aux=True))
   (_, (y, load)), g = grad()(variables["params"], x)
   with sharding.model_mesh(mesh, LOGICAL_RULES):
     ep = grad()

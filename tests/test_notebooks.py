@@ -14,21 +14,33 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from engram_jax import presets
+
 NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 # name -> (tiny-size overrides of its parameters cell, text its output must contain); WORKDIR
-# is set to a fresh folder under the test's tmp_path.
+# is set to a fresh folder under the test's tmp_path. The training notebooks train `tiny` for its
+# own steps: the learning-rate schedule (compiled into the train step) depends on the steps, so
+# at the preset's steps the notebooks' kernels load the train steps that the shared `tiny_run`
+# (conftest) and the other tiny runs of the suite compiled, from the persistent compilation cache.
+TINY_STEPS = str(presets.tiny().train.steps)
 TINY = {
   "train_and_compare.ipynb": (
-    {"PRESET": '"tiny"', "STEPS": "4", "EVAL_EVERY": "2"},
+    {"PRESET": '"tiny"', "STEPS": TINY_STEPS, "EVAL_EVERY": "3"},
     "validation loss",
   ),
   "analysis.ipynb": (
-    {"PRESET": '"tiny"', "STEPS": "4", "EVAL_BATCHES": "2", "MAX_TABLE_TOKENS": "20_000"},
+    {"PRESET": '"tiny"', "STEPS": TINY_STEPS, "EVAL_BATCHES": "1", "MAX_TABLE_TOKENS": "2_000"},
     "linear CKA",
   ),
   "memory_backends.ipynb": (
-    {"PRESET": '"tiny"', "TOKENS": "50_000", "STORAGE_ROWS": "10_000"},
+    # 78 batches of row ids (8 calibrate the cache), two cache sizes for the hit-rate sweep.
+    {
+      "PRESET": '"tiny"',
+      "TOKENS": "5_000",
+      "CACHE_FRACTIONS": "(0.05, 0.2)",
+      "STORAGE_ROWS": "2_000",
+    },
     "hit rate",
   ),
 }

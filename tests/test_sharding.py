@@ -2,8 +2,11 @@
 logical names to mesh axes, and training sharded by it (FSDP, tensor and expert axes) like one
 device, with checkpoints that move between mesh shapes."""
 
+import contextlib
 import dataclasses
+import functools
 import json
+import shutil
 import signal
 
 import chex
@@ -16,6 +19,7 @@ from engram_jax import memory, presets, sharding
 from engram_jax.config import LOGICAL_RULES, MemoryConfig, MeshConfig
 from engram_jax.memory.table import TableLayout
 from engram_jax.model import unstack_blocks
+from engram_jax.run import folder
 from engram_jax.train import loop
 from engram_jax.train.step import Trainer
 
@@ -25,6 +29,27 @@ MESHES = {
   "expert": MeshConfig(expert=4),
   "data+fsdp+expert": MeshConfig(data=2, fsdp=2, expert=2),
 }
+
+# Compiling dominates these tests: the programs below are compiled with XLA:CPU's older (LLVM IR)
+# fusion emitters, which take about half the time of its MLIR ones (a third for the random
+# initialisations), to the same results within rounding. Every side of a comparison is compiled
+# alike.
+FAST = {"xla_cpu_use_fusion_emitters": False}
+
+
+@contextlib.contextmanager
+def _compiled_fast():
+  """Within it, every `jax.jit` compiles with FAST: the library's own too (`create_state`,
+  `Trainer.jitted`, `loop.train`), which take no compiler options."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    yield
+
+
+# Steps of the synthetic runs. Warm-up (2 steps) makes step 1's update a no-op on the
+# parameters, so the loss of step 3 is the first to see an update, one that used the optimizer
+# state carried over from step 1.
+STEPS = 3
 
 
 def test_mesh_parsing_and_errors():
@@ -78,8 +103,9 @@ def _norm(spec) -> tuple:
   return out
 
 
-def _run(mesh_cfg, steps=10, b=4, t=16, kind="device", **model_changes):
-  """Losses of `steps` train steps of the tiny model on synthetic batches, and the state."""
+def _run(mesh_cfg, steps=STEPS, b=4, t=16, kind="device", **model_changes):
+  """Losses of `steps` train steps of the tiny model on synthetic batches, the parameters'
+  shardings as built, and the state."""
   exp = _tiny(mesh_cfg)
   model = dataclasses.replace(exp.model, vocab_size=101, **model_changes)
   layouts = {
@@ -89,9 +115,10 @@ def _run(mesh_cfg, steps=10, b=4, t=16, kind="device", **model_changes):
   mesh = sharding.make_mesh(mesh_cfg)
   backend = memory.backend(MemoryConfig(kind=kind), mesh, table_axes=mesh_cfg.table_axes)
   trainer = Trainer(model, exp.optim, steps, layouts, backend, mesh_cfg.rules)
-  state = trainer.create_state(jax.random.key(0), b, t)
+  with _compiled_fast():
+    state = trainer.create_state(jax.random.key(0), b, t)
+    step, _ = trainer.jitted(b, t)  # explicit in/out shardings on a mesh
   specs = [getattr(x.sharding, "spec", P()) for x in jax.tree.leaves(state.params)]
-  step, _ = trainer.jitted(b, t)  # explicit in/out shardings on a mesh
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):
@@ -134,8 +161,8 @@ def test_sharded_tables_spread_over_every_axis_by_default(one_device):
 
 def test_scanned_blocks_train_like_unscanned():
   deep = {"num_layers": 4}  # blocks 2-3 repeat
-  want, _, ref = _run(MeshConfig(), steps=4, **deep)
-  got, _, state = _run(MeshConfig(fsdp=2), steps=4, scan_layers=True, **deep)
+  want, _, ref = _run(MeshConfig(), **deep)
+  got, _, state = _run(MeshConfig(fsdp=2), scan_layers=True, **deep)
   # The trained state converts back to the unscanned form: parameters, moments and biases.
   cfg = dataclasses.replace(presets.tiny().model, scan_layers=True, **deep)
   back = unstack_blocks((state.params, state.opt_state, state.balance), cfg)
@@ -148,8 +175,10 @@ def test_scanned_blocks_train_like_unscanned():
   np.testing.assert_allclose(got, want, rtol=2e-4)
 
 
-def test_checkpoint_moves_between_mesh_shapes(tiny_run, tmp_path):
-  ref_dir, corpus, _ = tiny_run  # the shared `tiny` run on one device
+def test_checkpoint_moves_between_mesh_shapes(finished_run, tmp_path):
+  workdir, corpus, _ = finished_run  # a copy of the shared `tiny` run on one device
+  want = _losses(workdir)
+  shutil.move(workdir / "checkpoints" / "6", tmp_path / "moved-6")  # its newest: step 3
 
   def stop_at(n):
     def hook(step):
@@ -158,13 +187,17 @@ def test_checkpoint_moves_between_mesh_shapes(tiny_run, tmp_path):
 
     return hook
 
-  kw = dict(corpus_files=corpus, progress=False)
+  kw = dict(corpus_files=(corpus,), progress=False)
   exp = presets.tiny()
-  with pytest.raises(loop.Interrupted):  # steps 1-4 on a 2 x 2 x 2 mesh of every model axis
-    mesh = MeshConfig(fsdp=2, tensor=2, expert=2)
-    loop.train(dataclasses.replace(exp, mesh=mesh), tmp_path, on_step=stop_at(4), **kw)
-  loop.train(exp, tmp_path, resume=True, **kw)  # and onto one device
-  got, want = _losses(tmp_path), _losses(ref_dir)
+  with pytest.raises(loop.Interrupted), _compiled_fast():  # step 4 on a 2 x 2 x 2 mesh of
+    mesh = MeshConfig(fsdp=2, tensor=2, expert=2)  # every model axis
+    loop.train(dataclasses.replace(exp, mesh=mesh), workdir, resume=True, on_step=stop_at(4), **kw)
+  # And back onto one device for steps 5-6 (compiled as the shared run was: its programs again).
+  loop.train(exp, workdir, resume=True, **kw)
+  # One device's checkpoint went onto the mesh, and the mesh's back onto one device.
+  resumes = json.loads((workdir / folder.RUN_FILE).read_text())["resumes"]
+  assert [(r["from_step"], r["mesh"]["fsdp"]) for r in resumes] == [(3, 2), (4, 1)]
+  got = _losses(workdir)
   assert sorted(got) == sorted(want)
   np.testing.assert_allclose(
     [got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=2e-4

@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +9,24 @@ import pytest
 from engram_jax import params as params_lib
 from engram_jax import presets, studies
 
+# The studies that really train run `tiny` for its own steps, evaluated and saved once at the
+# end: the learning-rate schedule (compiled into the train step) depends on the steps, so at the
+# preset's steps a point that is `tiny` itself (memory_scaling x1, placement block1) or its
+# baseline (allocation rho 1) loads the train step that the shared `tiny_run` (conftest), the
+# notebooks and the other tiny runs of the suite compiled, from the persistent compilation cache.
+STEPS = presets.tiny().train.steps
+
 
 @pytest.fixture(scope="module")
 def exp():
   return presets.tiny()
+
+
+@pytest.fixture(scope="module")
+def trained_exp(exp):
+  """`tiny`, evaluated and checkpointed only at its last step."""
+  train = dataclasses.replace(exp.train, eval_every=STEPS, checkpoint_every=STEPS)
+  return dataclasses.replace(exp, train=train)
 
 
 def test_allocation_runs_are_iso_parameter(exp):
@@ -99,24 +111,26 @@ def test_run_study_skips_finished_runs_and_resumes_the_rest(exp, tmp_path, monke
   assert calls == []  # every run finished: nothing trains again
 
 
-def test_a_study_script_trains_and_its_command_reruns_a_point(tmp_path):
-  args = ["--preset=tiny", "--variants=no_gate", "--seeds=0", "--steps=2", f"--workdir={tmp_path}"]
-  r = subprocess.run(
-    [sys.executable, "-m", "experiments.ablations", "--noprogress", *args],
-    capture_output=True, text=True, timeout=600, check=False,
-  )  # fmt: skip
+def test_a_study_script_trains_and_its_command_reruns_a_point(run_scripts, small_corpus, tmp_path):
+  # Both scripts as `python -m` runs them, in one process (`run_scripts`, conftest). no_gate at
+  # the preset's steps: the same programs as the ablations point of the test below. The small
+  # corpus: the embedded one takes seconds to tokenize and window.
+  args = ["--preset=tiny", "--variants=no_gate", "--seeds=0", f"--steps={STEPS}"]
+  args += [f"--corpus={small_corpus}", f"--workdir={tmp_path}"]
+  r, bad = run_scripts(
+    [
+      ("experiments.ablations", ["--noprogress", *args]),
+      ("experiments.allocation", ["--rhos=abc", f"--workdir={tmp_path}"]),
+    ]
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   (run,) = json.loads((tmp_path / "ablations.json").read_text())["runs"]
-  assert run["variant"] == "no_gate" and run["steps"] == 2 and run["val_loss"] > 0
+  assert run["variant"] == "no_gate" and run["steps"] == STEPS and run["val_loss"] > 0
   assert (
     run["command"].startswith("python -m experiments.ablations")
     and "--variants=no_gate" in run["command"]
   )
   assert (tmp_path / "ablations.png").exists() and "| no_gate |" in r.stdout
-  bad = subprocess.run(
-    [sys.executable, "-m", "experiments.allocation", "--rhos=abc", f"--workdir={tmp_path}"],
-    capture_output=True, text=True, timeout=300, check=False,
-  )  # fmt: skip
   assert bad.returncode != 0 and "--rhos: expected numbers" in bad.stderr
 
 
@@ -183,19 +197,19 @@ def test_the_study_preset_is_cpu_small_shortened():
 @pytest.mark.parametrize(
   ("study", "make"),
   [
-    ("allocation", lambda exp: studies.allocation(exp, [1.0, 0.5], [0], steps=2)),
-    ("memory_scaling", lambda exp: studies.memory_scaling(exp, [0.5, 1.0, 2.0], [0], steps=2)),
-    ("placement", lambda exp: studies.placement(exp, [0], steps=2)),
-    ("ablations", lambda exp: studies.ablations(exp, [0], steps=2, variants=["no_gate"])),
+    ("allocation", lambda exp: studies.allocation(exp, [1.0, 0.5], [0], steps=STEPS)),
+    ("memory_scaling", lambda exp: studies.memory_scaling(exp, [0.5, 1.0, 2.0], [0], steps=STEPS)),
+    ("placement", lambda exp: studies.placement(exp, [0], steps=STEPS)),
+    ("ablations", lambda exp: studies.ablations(exp, [0], steps=STEPS, variants=["no_gate"])),
   ],
 )
-def test_each_study_trains_at_tiny_size(study, make, exp, small_corpus, tmp_path):
-  runs = make(exp)
+def test_each_study_trains_at_tiny_size(study, make, trained_exp, small_corpus, tmp_path):
+  runs = make(trained_exp)
   summary = studies.run_study(
     study, runs, tmp_path, lambda r: r.name, corpus_files=(small_corpus,), progress=False
   )
   assert [r["name"] for r in summary["runs"]] == [r.name for r in runs]
-  assert all(np.isfinite(r["val_loss"]) and r["steps"] == 2 for r in summary["runs"])
+  assert all(np.isfinite(r["val_loss"]) and r["steps"] == STEPS for r in summary["runs"])
   assert json.loads((tmp_path / f"{study}.json").read_text()) == summary
   assert (tmp_path / f"{study}.png").stat().st_size > 1000
   assert ("fit" in summary) == (study == "memory_scaling")

@@ -3,8 +3,6 @@ for a mesh without allocating it, and its per-device memory."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -42,19 +40,19 @@ def test_fsdp_splits_the_state_over_the_devices():
   assert 0 < split["largest_replicated_bytes"] < 0.25 * state and split["largest_replicated"]
 
 
-def test_script_writes_json_and_refuses_to_overwrite(tmp_path):
+def test_script_writes_json_and_refuses_to_overwrite(tmp_path, run_scripts):
   out = tmp_path / "report.json"
-  cmd = [
-    sys.executable, "-m", "experiments.compile_check", "--preset=tiny", "--mesh=data=2,expert=2",
-    "--batch_size=4", "--seq_len=16", f"--json={out}",
-  ]  # fmt: skip
-  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-2000:]
+  cmd = (
+    "experiments.compile_check",
+    ["--preset=tiny", "--mesh=data=2,expert=2", "--batch_size=4", "--seq_len=16", f"--json={out}"],
+  )
+  # The same command twice, one after the other in one process (see `run_scripts`).
+  first, again = run_scripts([cmd, cmd])
+  assert first.returncode == 0, first.stderr[-2000:]
   report = json.loads(out.read_text())
   assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 2}
   assert report["memory"] == "sharded" and report["bytes_per_device"]["total"] > 0
-  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2 and "--overwrite" in r.stderr.strip().splitlines()[-1]
+  assert again.returncode == 2 and "--overwrite" in again.stderr.strip().splitlines()[-1]
 
 
 def test_bad_mesh_is_a_usage_error():

@@ -60,7 +60,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(small_corpus, tmp_path, 
   assert resumed["val_loss"] == full["val_loss"]
 
 
-def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
+def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tiny_checkpoint_tree, tmp_path):
   workdir, _ = uninterrupted
   import shutil
 
@@ -69,17 +69,13 @@ def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
   for f in (copy / "6" / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"\0garbage")
-  pipeline_exp = presets.tiny()
-  data_cfg = loop.data_config(pipeline_exp)
-  tokens = np.arange(4000, dtype=np.int32) % 500
-  _, trainer = loop.build_trainer(pipeline_exp, data_cfg, tokens)
-  t = pipeline_exp.train
-  abstract = trainer.checkpoint_tree(trainer.abstract_state(t.batch_size, t.seq_len))
-  restored = Checkpointer(copy).restore_latest(abstract)
+  restored = Checkpointer(copy).restore_latest(tiny_checkpoint_tree)
   assert restored is not None and restored[0] == 3
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_corpus, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+  small_corpus, tiny_checkpoint_tree, tmp_path
+):
   exp = presets.tiny()
   exp = dataclasses.replace(
     exp,
@@ -91,10 +87,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_corpus, tmp_path):
   ckpt = Checkpointer(tmp_path / "checkpoints")
   steps = ckpt.steps()
   assert steps and max(steps) < 20
-  data_cfg = loop.data_config(exp, (small_corpus,))
-  _, trainer = loop.build_trainer(exp, data_cfg)
-  abstract = trainer.checkpoint_tree(trainer.abstract_state(2, 32))
-  _, state, _, _ = ckpt.restore_latest(abstract)
+  _, state, _, _ = ckpt.restore_latest(tiny_checkpoint_tree)  # tiny's shapes: batch 2, length 32
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
 
 
