@@ -3,13 +3,6 @@ process (`run_scripts` in conftest: the imports are paid once, and each script s
 absl flags, so they do not collide)."""
 
 import json
-import os
-
-# Compiling dominates these runs (train_step and step_profile compile a dozen train steps and
-# gradients of `tiny`, none of which another test compiles): XLA:CPU's older (LLVM IR) fusion
-# emitters compile them about a third faster than its MLIR ones, to the same results within
-# rounding. The scripts' own checks compare programs compiled alike.
-FAST_COMPILE = {"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_cpu_use_fusion_emitters=false"}
 
 # (module, arguments: the smallest sizes and one timed repeat, a line its output must contain)
 SCRIPTS = [
@@ -22,7 +15,7 @@ SCRIPTS = [
 
 
 def test_bench_scripts_run(run_scripts):
-  results = run_scripts([(module, args) for module, args, _ in SCRIPTS], env=FAST_COMPILE)
+  results = run_scripts([(module, args) for module, args, _ in SCRIPTS])
   failed = [
     f"{module}: exit status {r.returncode}, {expected!r} not in its output\n{r.stderr[-3000:]}"
     for (module, _, expected), r in zip(SCRIPTS, results, strict=True)
@@ -39,8 +32,7 @@ def test_v41_rows_runs_and_refuses_to_overwrite(run_scripts, tmp_path):
       ("bench.v41_rows", [*smoke, f"--json={rows}"]),
       ("bench.v41_rows", smoke),  # the checkpoint is there: measured again only with --reuse
       ("bench.v41_rows", [*smoke, "--reuse", f"--json={rows}"]),
-    ],
-    env=FAST_COMPILE,
+    ]
   )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "vs memcpy" in r.stdout and "page cache drop:" in r.stdout

@@ -1,4 +1,5 @@
-"""bench/gpu_check.py: its smoke path, run in-process on CPU (Pallas interpret mode)."""
+"""bench/gpu_check.py: its smoke path, run in-process on CPU (Pallas interpret mode); the
+sharded train step through the script, in a process of its own."""
 
 import json
 
@@ -38,11 +39,19 @@ def test_unknown_section_is_rejected():
     gpu_check.run(gpu_check.CheckConfig.smoke(), ["peak_memory_typo"])
 
 
-def test_sharded_step_on_every_local_device():
-  (r,) = gpu_check.run(gpu_check.CheckConfig.smoke(), ["sharded_step"])
+def test_sharded_step_on_every_local_device(run_scripts, tmp_path):
+  # The section as `python -m bench.gpu_check --smoke` runs it, in a process of its own (one that
+  # sees the suite's 8 simulated devices).
+  path = tmp_path / "check.json"
+  (run,) = run_scripts(
+    [("bench.gpu_check", ["--smoke", "--sections=sharded_step", f"--json={path}"])]
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  (r,) = json.loads(path.read_text())["results"]
   assert r["impl"] == "tiny on 8 device(s), fsdp=8, tables sharded"  # the 8 simulated devices
   assert r["tokens_per_s_per_device"] > 0 and r["table_mb_exchanged_per_step"] > 0
   assert "tokens/s per device" in gpu_check.format_results([r])
+  assert gpu_check.format_results([r]) in run.stdout
 
 
 def test_decode_and_sharded_lookup_sections():

@@ -1,9 +1,7 @@
 """Tests for engram_jax/memory/backends.py: the backend contract, training with the tables on
 each backend, and checkpoints that move between backends."""
 
-import contextlib
 import dataclasses
-import functools
 import json
 import shutil
 import signal
@@ -22,20 +20,6 @@ from engram_jax.train import loop
 from engram_jax.train.step import Trainer
 
 B, T = 8, 16
-
-# Compiling dominates these tests: the programs below are compiled with XLA:CPU's older (LLVM IR)
-# fusion emitters, which take about half the time of its MLIR ones, to the same results within
-# rounding. Every backend of a comparison is compiled alike.
-FAST = {"xla_cpu_use_fusion_emitters": False}
-
-
-@contextlib.contextmanager
-def _compiled_fast():
-  """Within it, every `jax.jit` compiles with FAST: the library's own too (`loop.train`'s
-  steps), which take no compiler options."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
-    yield
 
 
 def _backend(kind, mesh=None, **options):
@@ -65,14 +49,14 @@ def _batches(n, heads):
 
 def _init(trainer):
   """A fresh state of `trainer`, placed."""
-  init = jax.jit(lambda k: trainer.init(k, B, T), compiler_options=FAST)
+  init = jax.jit(lambda k: trainer.init(k, B, T))
   return trainer.place(init(jax.random.key(0)))
 
 
 def _run(backend, steps=3):
   trainer = _trainer(backend)
   state = _init(trainer)
-  step = jax.jit(trainer.train_step, donate_argnums=0, compiler_options=FAST)
+  step = jax.jit(trainer.train_step, donate_argnums=0)
   losses = []
   for batch in _batches(steps, 4):
     state, m = step(state, trainer.shard_batch(batch))
@@ -119,7 +103,7 @@ def test_tiered_tables_train_like_device_with_a_written_through_cache(on_device)
   rows = (batches[0]["hash_ids"][1] + trainer.layouts[1].offsets).reshape(-1)
   hottest = np.bincount(rows).argmax()  # the row the calibration batch read most
   assert hottest in np.asarray(cache.cached_ids)
-  step = jax.jit(trainer.train_step, donate_argnums=0, compiler_options=FAST)
+  step = jax.jit(trainer.train_step, donate_argnums=0)
   losses = []
   for batch in batches:
     state, m = step(state, trainer.shard_batch(batch))
@@ -158,7 +142,7 @@ def test_calibrate_reads_batches_only_when_it_keeps_a_cache():
     yield
 
   trainer = _trainer(_backend("device"))
-  state = jax.jit(lambda k: trainer.init(k, B, T), compiler_options=FAST)(jax.random.key(0))
+  state = jax.jit(lambda k: trainer.init(k, B, T))(jax.random.key(0))
   assert trainer.calibrate(state, batches()) is not None
 
 
@@ -185,12 +169,11 @@ def test_checkpoint_moves_between_backends(finished_run, tmp_path):
   # step 4, sharded over 2 devices for step 5, tiered for step 6.
   want = losses(workdir)
   shutil.move(workdir / "checkpoints" / "6", tmp_path / "moved-6")  # its newest: step 3
-  with _compiled_fast():
-    with pytest.raises(loop.Interrupted):
-      loop.train(on(exp, "host"), workdir, resume=True, on_step=stop_at(4), **kw)
-    with pytest.raises(loop.Interrupted):
-      loop.train(on(exp, "sharded", 2), workdir, resume=True, on_step=stop_at(5), **kw)
-    loop.train(on(exp, "tiered"), workdir, resume=True, **kw)
+  with pytest.raises(loop.Interrupted):
+    loop.train(on(exp, "host"), workdir, resume=True, on_step=stop_at(4), **kw)
+  with pytest.raises(loop.Interrupted):
+    loop.train(on(exp, "sharded", 2), workdir, resume=True, on_step=stop_at(5), **kw)
+  loop.train(on(exp, "tiered"), workdir, resume=True, **kw)
   resumes = json.loads((workdir / folder.RUN_FILE).read_text())["resumes"]
   assert [(r["from_step"], r["memory"]["kind"]) for r in resumes] == [
     (3, "host"),

@@ -1,7 +1,6 @@
 """Tests for engram_jax/model.py: block layout, causality, Engram wiring."""
 
 import dataclasses
-import functools
 
 import chex
 import flax.linen as nn
@@ -14,10 +13,6 @@ from engram_jax import presets
 from engram_jax.model import EngramLM, init_decode_cache, scan_groups, stack_blocks, unstack_blocks
 
 B, T = 2, 12
-
-# Compiled with XLA:CPU's older (LLVM IR) fusion emitters: compiling dominates these tests, and
-# it takes about half the time of the MLIR emitters'.
-_jit = functools.partial(jax.jit, compiler_options={"xla_cpu_use_fusion_emitters": False})
 
 
 def _setup(model_cfg, seed=0):
@@ -34,7 +29,7 @@ def _setup(model_cfg, seed=0):
   )
   model = EngramLM(model_cfg)
   # Jitted: op-by-op execution of the model takes many times longer on CPU.
-  variables = nn.unbox(_jit(model.init)(jax.random.key(seed), tokens, rows))
+  variables = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens, rows))
   return model, variables, tokens, rows
 
 
@@ -46,7 +41,7 @@ def tiny_cfg():
 @pytest.fixture(scope="module")
 def tiny(tiny_cfg):
   """(model, variables, tokens, rows, jitted apply), shared: compiling dominates these tests."""
-  return (*_setup(tiny_cfg), _jit(EngramLM(tiny_cfg).apply))
+  return (*_setup(tiny_cfg), jax.jit(EngramLM(tiny_cfg).apply))
 
 
 def test_shapes_and_layout(tiny):
@@ -64,7 +59,9 @@ def test_shapes_and_layout(tiny):
 def test_causal_in_tokens_and_rows(tiny):
   model, variables, tokens, rows, apply = tiny
   t = 6
-  g_rows = _jit(jax.grad(lambda r: model.apply(variables, tokens, {1: r})[0][:, t].sum()))(rows[1])
+  g_rows = jax.jit(jax.grad(lambda r: model.apply(variables, tokens, {1: r})[0][:, t].sum()))(
+    rows[1]
+  )
   assert np.all(np.asarray(g_rows[:, t + 1 :]) == 0)
   assert np.any(np.asarray(g_rows[:, : t + 1]) != 0)
   # Changing a future token leaves the logits at t unchanged.
@@ -90,7 +87,9 @@ def test_prefill_then_decode_equals_the_full_forward(tiny_cfg, tiny):
   conv = params["block_1"]["engram"]["conv_kernel"]
   params["block_1"]["engram"]["conv_kernel"] = jax.random.normal(jax.random.key(5), conv.shape)
   full, _ = apply(variables, tokens, rows)
-  step = _jit(lambda tok, r, pos, cache: model.apply(variables, tok, r, positions=pos, cache=cache))
+  step = jax.jit(
+    lambda tok, r, pos, cache: model.apply(variables, tok, r, positions=pos, cache=cache)
+  )
   cache = init_decode_cache(tiny_cfg, B, length=16)
   p = 5
   positions = jnp.broadcast_to(jnp.arange(p)[None], (B, p))
@@ -117,7 +116,7 @@ def test_missing_rows_and_bad_tokens(tiny):
 def test_single_stream_dense_model_without_engram():
   cfg = dataclasses.replace(presets.tiny().model, vocab_size=50, streams=1, moe=None, engram=None)
   model, variables, tokens, _ = _setup(cfg)
-  logits, load = _jit(model.apply)(variables, tokens)
+  logits, load = jax.jit(model.apply)(variables, tokens)
   chex.assert_shape(logits, (B, T, 50))
   assert load.shape == (0, 0)
   assert "hc_attn" not in variables["params"]["block_0"]
@@ -126,7 +125,7 @@ def test_single_stream_dense_model_without_engram():
 def test_bfloat16_compute(tiny_cfg):
   cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16")
   model, variables, tokens, rows = _setup(cfg)
-  logits, _ = _jit(model.apply)(variables, tokens, rows)
+  logits, _ = jax.jit(model.apply)(variables, tokens, rows)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))
 
 
@@ -143,7 +142,7 @@ def no_remat_gradients(tiny):
   """The loss and its gradients without rematerialisation, shared by every remat policy."""
   model, variables, tokens, rows, _ = tiny
   loss = _remat_loss(model, variables, tokens, rows)
-  return _jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables["params"], rows)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables["params"], rows)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
@@ -151,7 +150,7 @@ def test_remat_keeps_params_outputs_and_gradients(tiny_cfg, tiny, no_remat_gradi
   _, variables, tokens, rows, _ = tiny
   remat = EngramLM(dataclasses.replace(tiny_cfg, remat=policy))
   loss = _remat_loss(remat, variables, tokens, rows)
-  got = _jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables["params"], rows)
+  got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables["params"], rows)
   # The same parameter tree (checkpoints serve every policy), values and gradients.
   chex.assert_trees_all_close(got, no_remat_gradients, rtol=1e-5, atol=1e-6)
   jaxpr = str(jax.make_jaxpr(lambda p: loss(p, rows))(variables["params"]))
@@ -189,7 +188,7 @@ def test_scanned_blocks_compute_what_the_unscanned_do(tiny_cfg):
     logits, load = m.apply({**v, "params": params}, tokens, rows, mutable=False)
     return jnp.mean(logits**2) + jnp.sum(load), (logits, load)
 
-  grad = lambda m, v: _jit(jax.grad(lambda p: loss(m, p, v), has_aux=True))(v["params"])
+  grad = lambda m, v: jax.jit(jax.grad(lambda p: loss(m, p, v), has_aux=True))(v["params"])
   (g, (logits, load)), (gs, (logits_s, load_s)) = (
     grad(model, variables),
     grad(EngramLM(scan_cfg), stacked),
@@ -208,10 +207,10 @@ def test_the_v41_engram_form_in_the_model(tiny_cfg):
   assert cfg.engram.resolved_gate_eps == 1e-20 and tiny_cfg.engram.resolved_gate_eps > 1e-8
   model, variables, tokens, rows = _setup(cfg)
   assert set(variables["params"]["block_1"]["engram"]) == {"kv_kernel", "q_weight", "k_weight"}
-  full, _ = _jit(model.apply)(variables, tokens, rows)
+  full, _ = jax.jit(model.apply)(variables, tokens, rows)
   cache = init_decode_cache(cfg, B, length=16)
   assert cache[1].conv.shape == (B, 0, 2 * cfg.d_model)  # no convolution state
-  step = _jit(lambda tok, r, pos, c: model.apply(variables, tok, r, positions=pos, cache=c))
+  step = jax.jit(lambda tok, r, pos, c: model.apply(variables, tok, r, positions=pos, cache=c))
   got = []
   for t in range(T):
     logits, _, cache = step(

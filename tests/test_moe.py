@@ -19,10 +19,6 @@ B, T, D = 2, 5, 8
 E, K, F = 6, 2, 4
 N = B * T
 
-# Compiled with XLA:CPU's older (LLVM IR) fusion emitters: compiling dominates these tests, and
-# it takes about half the time of the MLIR emitters'.
-_jit = functools.partial(jax.jit, compiler_options={"xla_cpu_use_fusion_emitters": False})
-
 
 def _module(**kw):
   args = dict(num_experts=E, top_k=K, expert_hidden=F, num_shared=1, routed_scaling=1.0)
@@ -33,7 +29,7 @@ def _module(**kw):
 def _setup(**kw):
   module = _module(**kw)
   x = jax.random.normal(jax.random.key(0), (B, T, D))
-  variables = nn.unbox(_jit(module.init)(jax.random.key(1), x))
+  variables = nn.unbox(jax.jit(module.init)(jax.random.key(1), x))
   return module, variables, x
 
 
@@ -62,7 +58,7 @@ def dense_reference(variables, x, top_k, routed_scaling):
   return y.reshape(B, T, D), chosen
 
 
-_dense = _jit(dense_reference, static_argnums=(2, 3))
+_dense = jax.jit(dense_reference, static_argnums=(2, 3))
 
 
 class MoETest(chex.TestCase):
@@ -86,9 +82,9 @@ class MoETest(chex.TestCase):
       y, _ = dense_reference({**variables, "params": params}, x_, K, 2.0)
       return jnp.sum(y * cot)
 
-    grad = _jit(jax.grad(loss_ragged, argnums=(0, 1)))
+    grad = jax.jit(jax.grad(loss_ragged, argnums=(0, 1)))
     got = grad(variables["params"], x)
-    want = _jit(jax.grad(loss_dense, argnums=(0, 1)))(variables["params"], x)
+    want = jax.jit(jax.grad(loss_dense, argnums=(0, 1)))(variables["params"], x)
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)
     # Every routed weight and the router get a gradient (the gates carry the router's).
     for name in ("router", "w_gate", "w_up", "w_down"):
@@ -110,7 +106,7 @@ class MoETest(chex.TestCase):
     # A large bias on expert 3 puts it in every token's top-k, which the scores alone do not.
     bias = jnp.zeros((E,)).at[3].set(10.0)
     flipped = {**variables, "balance": {"expert_bias": bias}}
-    y, load = _jit(module.apply)(flipped, x)
+    y, load = jax.jit(module.apply)(flipped, x)
     expected, choice = _dense(flipped, x, K, 1.0)
     self.assertTrue(bool(jnp.all(jnp.any(choice == 3, axis=-1))))
     self.assertFalse(bool(jnp.all(jnp.any(unbiased_choice == 3, axis=-1))))
@@ -127,7 +123,7 @@ class MoETest(chex.TestCase):
 
   def test_load_sums_to_one_and_counts_assignments(self):
     module, variables, x = _setup()
-    _, load = _jit(module.apply)(variables, x)
+    _, load = jax.jit(module.apply)(variables, x)
     _, choice = _dense(variables, x, K, 1.0)
     counts = np.bincount(np.asarray(choice).ravel(), minlength=E)
     np.testing.assert_allclose(load, counts / (N * K), rtol=1e-6)
@@ -142,7 +138,7 @@ class MoETest(chex.TestCase):
   def test_no_token_dropped_when_all_pick_one_expert(self):
     module, variables, x = _setup(top_k=1, num_shared=0)
     crowded = {**variables, "balance": {"expert_bias": jnp.zeros((E,)).at[0].set(100.0)}}
-    y, load = _jit(module.apply)(crowded, x)
+    y, load = jax.jit(module.apply)(crowded, x)
     np.testing.assert_allclose(load, np.eye(E)[0], atol=0.0)
     p = crowded["params"]
     # top_k=1: the gate is s/s = 1, so every token is expert 0's full SwiGLU.
@@ -153,7 +149,7 @@ class MoETest(chex.TestCase):
   def test_params_and_balance_collection(self):
     module = _module()
     x = jnp.zeros((B, T, D))
-    variables = _jit(module.init)(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     specs = nn.get_partition_spec(variables)
     self.assertEqual(tuple(specs["params"]["router"]), ("embed", "expert"))
     self.assertEqual(tuple(specs["params"]["w_gate"]), ("expert", "embed", "mlp"))
@@ -166,7 +162,7 @@ class MoETest(chex.TestCase):
 
   def test_bfloat16_compute_path(self):
     module, variables, x = _setup(dtype=jnp.bfloat16)
-    y, load = _jit(module.apply)(variables, x)
+    y, load = jax.jit(module.apply)(variables, x)
     expected, _ = _dense(variables, x, K, 1.0)
     self.assertEqual(y.dtype, jnp.bfloat16)
     self.assertEqual(load.dtype, jnp.float32)
@@ -185,30 +181,42 @@ _BIASES = {
 _THREE_BLOCKS_MIB = 3 * D * F * 4 / 2**20
 
 
-@pytest.mark.parametrize("dispatch", ["ragged", "blocks", "blocks in chunks"])
-@pytest.mark.parametrize("case", sorted(_BIASES))
-def test_every_dispatch_matches_dense(dispatch, case):
+def _gradients(apply, variables, x, cot):
+  """The gradients of sum(y * cot) w.r.t. the parameters and x, y = apply(variables, x)[0]."""
+  loss = lambda params, x_: jnp.sum(apply({**variables, "params": params}, x_)[0] * cot)
+  return jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+
+
+@functools.cache
+def _dispatch(dispatch):
+  """(variables, x, forward, gradients) of the MoE with `dispatch`: compiled once for every
+  bias case (the biases are arguments, not constants)."""
   kw = {"dispatch": dispatch}
   if dispatch == "blocks in chunks":
     kw = {"dispatch": "blocks", "block_gather_mib": _THREE_BLOCKS_MIB}
   module, variables, x = _setup(routed_scaling=2.0, **kw)
+  return variables, x, jax.jit(module.apply), jax.jit(functools.partial(_gradients, module.apply))
+
+
+_dense_gradients = jax.jit(
+  functools.partial(_gradients, lambda v, x_: dense_reference(v, x_, K, 2.0))
+)
+
+
+@pytest.mark.parametrize("dispatch", ["ragged", "blocks", "blocks in chunks"])
+@pytest.mark.parametrize("case", sorted(_BIASES))
+def test_every_dispatch_matches_dense(dispatch, case):
+  variables, x, apply, gradients = _dispatch(dispatch)
   variables = {**variables, "balance": {"expert_bias": _BIASES[case]}}
   cot = jax.random.normal(jax.random.key(5), (B, T, D))
-
-  def loss(params, x_, fn):
-    y, _ = fn({**variables, "params": params}, x_)
-    return jnp.sum(y * cot)
-
-  y, load = _jit(module.apply)(variables, x)
+  y, load = apply(variables, x)
   want_y, _ = _dense(variables, x, K, 2.0)
   chex.assert_trees_all_close(y, want_y, atol=1e-5, rtol=1e-5)
   if case == "one expert takes all":
     assert float(load[3]) == 0.5  # K = 2: every token's first choice
   if case == "two experts idle":
     assert float(load[0]) == float(load[5]) == 0.0
-  got = _jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables["params"], x, module.apply)
-  dense = lambda v, x_: dense_reference(v, x_, K, 2.0)
-  want = _jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables["params"], x, dense)
+  got, want = gradients(variables, x, cot), _dense_gradients(variables, x, cot)
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -265,6 +273,29 @@ def test_blocks_loop_over_chunks_only_past_the_gather_budget():
     np.testing.assert_array_equal(got, want)
 
 
+def _ep_loss(layer, params, x, balance):
+  y, load = layer.apply({"params": params, "balance": balance}, x)
+  return jnp.sum(y**2), (y, load)
+
+
+@functools.cache
+def _ep_layer(exchange, mesh_cfg):
+  """The MoE layer and its loss's value and gradients, jitted: one function per mesh (None: one
+  device), as jit keeps a trace per function and the mesh is read while tracing; compiled
+  once for both skews (the bias is an argument, not a constant)."""
+  layer = MoE(
+    num_experts=8,
+    top_k=2,
+    expert_hidden=16,
+    num_shared=1,
+    capacity_slack=1.0,
+    expert_exchange=exchange,
+  )
+  return layer, jax.jit(
+    jax.value_and_grad(functools.partial(_ep_loss, layer), (0, 1), has_aux=True)
+  )
+
+
 @pytest.mark.parametrize("skew", [0.0, 50.0])
 @pytest.mark.parametrize(
   ("mesh_cfg", "exchange"),
@@ -282,30 +313,14 @@ def test_expert_parallel_equals_one_device_and_drops_nothing(skew, mesh_cfg, exc
   slack 1: the overflow path must still run every one of them. 'all_to_all' exchanges each
   device's slice of the tokens with the experts' devices (its overflow path is 'replicated')."""
   mesh = sharding.make_mesh(mesh_cfg)
-  layer = MoE(
-    num_experts=8,
-    top_k=2,
-    expert_hidden=16,
-    num_shared=1,
-    capacity_slack=1.0,
-    expert_exchange=exchange,
-  )
+  (layer, grad), (_, ep) = _ep_layer(exchange, None), _ep_layer(exchange, mesh_cfg)
   x = jax.random.normal(jax.random.key(0), (4, 6, 32))
-  variables = nn.unbox(_jit(layer.init)(jax.random.key(1), x))
-  bias = jnp.zeros((8,)).at[:2].set(skew)
-  variables = {**variables, "balance": {"expert_bias": bias}}
-
-  def loss(params, x):
-    y, load = layer.apply({**variables, "params": params}, x)
-    return jnp.sum(y**2), (y, load)
-
-  # Two functions: jit caches a trace per function, and the mesh is read while tracing.
-  grad = lambda: _jit(jax.value_and_grad(lambda p, x: loss(p, x), (0, 1), has_aux=True))
-  (_, (y, load)), g = grad()(variables["params"], x)
+  params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x))["params"]
+  balance = {"expert_bias": jnp.zeros((8,)).at[:2].set(skew)}
+  (_, (y, load)), g = grad(params, x, balance)
   with sharding.model_mesh(mesh, LOGICAL_RULES):
-    ep = grad()
-    (_, (y_ep, load_ep)), g_ep = ep(variables["params"], x)
-    text = ep.lower(variables["params"], x).as_text()
+    (_, (y_ep, load_ep)), g_ep = ep(params, x, balance)
+    text = ep.lower(params, x, balance).as_text()
   assert "shard_map" in text or "manual" in text  # the mesh path ran
   assert ("all_to_all" in text) == (exchange == "all_to_all" and mesh_cfg.expert > 1)
   np.testing.assert_allclose(y_ep, y, rtol=1e-5, atol=1e-5)

@@ -27,12 +27,8 @@ def _losses(path):
 def test_two_processes_train_like_one(tiny_run, tmp_path):
   ref_dir, corpus, ref = tiny_run
   port = _free_port()
-  # One device per process; the suite's other XLA flags (tests/conftest.py) stay. Both processes
-  # compile every step themselves, on the CPUs the rest of the suite shares: XLA:CPU's older
-  # (LLVM IR) fusion emitters compile these programs about twice as fast as its MLIR ones, to
-  # the same results within rounding (the comparison below is to 2e-4).
+  # One device per process; the suite's other XLA flags (tests/conftest.py) stay.
   flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
-  flags += " --xla_cpu_use_fusion_emitters=false"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   workdir = tmp_path / "multi"
   command = [

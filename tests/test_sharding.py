@@ -2,9 +2,7 @@
 logical names to mesh axes, and training sharded by it (FSDP, tensor and expert axes) like one
 device, with checkpoints that move between mesh shapes."""
 
-import contextlib
 import dataclasses
-import functools
 import json
 import shutil
 import signal
@@ -29,22 +27,6 @@ MESHES = {
   "expert": MeshConfig(expert=4),
   "data+fsdp+expert": MeshConfig(data=2, fsdp=2, expert=2),
 }
-
-# Compiling dominates these tests: the programs below are compiled with XLA:CPU's older (LLVM IR)
-# fusion emitters, which take about half the time of its MLIR ones (a third for the random
-# initialisations), to the same results within rounding. Every side of a comparison is compiled
-# alike.
-FAST = {"xla_cpu_use_fusion_emitters": False}
-
-
-@contextlib.contextmanager
-def _compiled_fast():
-  """Within it, every `jax.jit` compiles with FAST: the library's own too (`create_state`,
-  `Trainer.jitted`, `loop.train`), which take no compiler options."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
-    yield
-
 
 # Steps of the synthetic runs. Warm-up (2 steps) makes step 1's update a no-op on the
 # parameters, so the loss of step 3 is the first to see an update, one that used the optimizer
@@ -115,9 +97,8 @@ def _run(mesh_cfg, steps=STEPS, b=4, t=16, kind="device", **model_changes):
   mesh = sharding.make_mesh(mesh_cfg)
   backend = memory.backend(MemoryConfig(kind=kind), mesh, table_axes=mesh_cfg.table_axes)
   trainer = Trainer(model, exp.optim, steps, layouts, backend, mesh_cfg.rules)
-  with _compiled_fast():
-    state = trainer.create_state(jax.random.key(0), b, t)
-    step, _ = trainer.jitted(b, t)  # explicit in/out shardings on a mesh
+  state = trainer.create_state(jax.random.key(0), b, t)
+  step, _ = trainer.jitted(b, t)  # explicit in/out shardings on a mesh
   specs = [getattr(x.sharding, "spec", P()) for x in jax.tree.leaves(state.params)]
   rng = np.random.default_rng(0)
   losses = []
@@ -189,10 +170,10 @@ def test_checkpoint_moves_between_mesh_shapes(finished_run, tmp_path):
 
   kw = dict(corpus_files=(corpus,), progress=False)
   exp = presets.tiny()
-  with pytest.raises(loop.Interrupted), _compiled_fast():  # step 4 on a 2 x 2 x 2 mesh of
+  with pytest.raises(loop.Interrupted):  # step 4 on a 2 x 2 x 2 mesh of
     mesh = MeshConfig(fsdp=2, tensor=2, expert=2)  # every model axis
     loop.train(dataclasses.replace(exp, mesh=mesh), workdir, resume=True, on_step=stop_at(4), **kw)
-  # And back onto one device for steps 5-6 (compiled as the shared run was: its programs again).
+  # And back onto one device for steps 5-6 (the shared run's programs again).
   loop.train(exp, workdir, resume=True, **kw)
   # One device's checkpoint went onto the mesh, and the mesh's back onto one device.
   resumes = json.loads((workdir / folder.RUN_FILE).read_text())["resumes"]

@@ -15,6 +15,9 @@ from engram_jax import presets, studies
 # baseline (allocation rho 1) loads the train step that the shared `tiny_run` (conftest), the
 # notebooks and the other tiny runs of the suite compiled, from the persistent compilation cache.
 STEPS = presets.tiny().train.steps
+# The ablation point that trains: larger initial table rows, the model's own train and eval steps
+# (the init std enters only the tables' initialisation), so only its init compiles anew.
+ABLATION = "init_std_1"
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +115,10 @@ def test_run_study_skips_finished_runs_and_resumes_the_rest(exp, tmp_path, monke
 
 
 def test_a_study_script_trains_and_its_command_reruns_a_point(run_scripts, small_corpus, tmp_path):
-  # Both scripts as `python -m` runs them, in one process (`run_scripts`, conftest). no_gate at
-  # the preset's steps: the same programs as the ablations point of the test below. The small
-  # corpus: the embedded one takes seconds to tokenize and window.
-  args = ["--preset=tiny", "--variants=no_gate", "--seeds=0", f"--steps={STEPS}"]
+  # Both scripts as `python -m` runs them, in one process (`run_scripts`, conftest). The point:
+  # the ablation that changes only the tables' initial rows, at the preset's steps (see ABLATION).
+  # The small corpus: the embedded one takes seconds to tokenize.
+  args = ["--preset=tiny", f"--variants={ABLATION}", "--seeds=0", f"--steps={STEPS}"]
   args += [f"--corpus={small_corpus}", f"--workdir={tmp_path}"]
   r, bad = run_scripts(
     [
@@ -125,12 +128,12 @@ def test_a_study_script_trains_and_its_command_reruns_a_point(run_scripts, small
   )
   assert r.returncode == 0, r.stderr[-2000:]
   (run,) = json.loads((tmp_path / "ablations.json").read_text())["runs"]
-  assert run["variant"] == "no_gate" and run["steps"] == STEPS and run["val_loss"] > 0
+  assert run["variant"] == ABLATION and run["steps"] == STEPS and run["val_loss"] > 0
   assert (
     run["command"].startswith("python -m experiments.ablations")
-    and "--variants=no_gate" in run["command"]
+    and f"--variants={ABLATION}" in run["command"]
   )
-  assert (tmp_path / "ablations.png").exists() and "| no_gate |" in r.stdout
+  assert (tmp_path / "ablations.png").exists() and f"| {ABLATION} |" in r.stdout
   assert bad.returncode != 0 and "--rhos: expected numbers" in bad.stderr
 
 
@@ -200,7 +203,7 @@ def test_the_study_preset_is_cpu_small_shortened():
     ("allocation", lambda exp: studies.allocation(exp, [1.0, 0.5], [0], steps=STEPS)),
     ("memory_scaling", lambda exp: studies.memory_scaling(exp, [0.5, 1.0, 2.0], [0], steps=STEPS)),
     ("placement", lambda exp: studies.placement(exp, [0], steps=STEPS)),
-    ("ablations", lambda exp: studies.ablations(exp, [0], steps=STEPS, variants=["no_gate"])),
+    ("ablations", lambda exp: studies.ablations(exp, [0], steps=STEPS, variants=[ABLATION])),
   ],
 )
 def test_each_study_trains_at_tiny_size(study, make, trained_exp, small_corpus, tmp_path):
