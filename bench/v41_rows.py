@@ -49,7 +49,7 @@ from absl import app, flags
 from bench.common import best_times, scattered_zipf
 from engram_jax import memory
 from engram_jax.interop import safetensors
-from engram_jax.memory import base
+from engram_jax.memory import host_buffers
 from engram_jax.memory import storage as storage_lib
 
 CHECKPOINT = "engram.safetensors"
@@ -230,7 +230,7 @@ def copy_gbps(megabytes: int, repeats: int) -> float:
 def gather(parts_by_layer: list[dict], ids_by_layer: list[np.ndarray]) -> list[dict]:
   """The stored rows of each layer's ids: [{"values": [N, Dh], "scale": [N, Dh/32]}]."""
   return [
-    {k: base.gather_rows(v, ids.reshape(-1)) for k, v in parts.items()}  # [T, H] -> [N]
+    {k: host_buffers.gather_rows(v, ids.reshape(-1)) for k, v in parts.items()}  # [T, H] -> [N]
     for parts, ids in zip(parts_by_layer, ids_by_layer, strict=True)
   ]
 

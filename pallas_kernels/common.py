@@ -1,4 +1,5 @@
-"""Helpers shared by the lookup kernels: interpret-mode choice, tile sizes, input checks.
+"""Helpers shared by the lookup kernels: interpret-mode choice, tile sizes, input checks, and
+the E8M0 scaling of 'mxfp8' rows (`times_e8m0`, also the host storage's decoding).
 
 The kernels target Pallas's Triton backend, whose loads and stores must have a power-of-two
 number of elements. A row of any width `Dh` is therefore moved as a few power-of-two column
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Tile budget of one program instance. A gather is bandwidth-bound: 32 KiB of rows in flight per
 # program (4 warps) keeps enough loads outstanding without spilling registers.
@@ -25,6 +27,42 @@ def resolve_interpret(interpret: bool | None) -> bool:
   if interpret is None:
     return jax.default_backend() != "gpu"
   return bool(interpret)
+
+
+def _bitcast(xp, x, dtype):
+  """The bits of `x` read as `dtype` (same item size): NumPy's `view`, or XLA's bitcast."""
+  if xp is np:
+    return np.asarray(x).view(dtype)
+  return jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _pow2(k, xp):
+  """2.0 ** k as float32 for integer k in [-126, 127] (int32): the exponent field alone."""
+  return _bitcast(xp, (k + 127) << 23, xp.float32)
+
+
+def times_e8m0(x, exponent, xp=jnp):
+  """x * 2 ** (e - 127) for E8M0 bytes e (any integer dtype; 255 -> NaN), float32.
+
+  The power is applied as two normal float32 factors of about 2 ** ((e - 127) / 2): the single
+  factor 2**-127 (byte 0) is below float32's normal range and XLA flushes it to zero. Each factor
+  is built from integer shifts and a bitcast only, so this lowers inside a Pallas kernel; a
+  product below float32's normal range follows the platform's rule for subnormals (XLA:CPU
+  flushes them to zero, NumPy keeps them); one past its range is inf (byte 255 is NaN still).
+
+  Args:
+    x: [...] float32 values (jax, or NumPy with `xp=np`), broadcast against `exponent`.
+    exponent: [...] E8M0 exponent bytes as integers (uint8, int32).
+    xp: jax.numpy (also inside kernels) or NumPy.
+
+  Returns:
+    [...] float32 x * 2 ** (e - 127), in the broadcast shape of x and exponent.
+  """
+  k = exponent.astype(xp.int32) - 127
+  half = k >> 1  # floor(k / 2)
+  with np.errstate(over="ignore"):  # NumPy: inf past float32's range, as XLA, without a warning
+    out = x * _pow2(half, xp) * _pow2(k - half, xp)
+  return xp.where(k == 128, xp.float32(xp.nan), out)
 
 
 def column_chunks(width: int) -> tuple[tuple[int, int], ...]:

@@ -58,23 +58,6 @@ STORAGES = ("float32", "bfloat16", "int8", "mxfp8")
 MX_BLOCK = 32  # columns that share one E8M0 exponent
 
 
-def _pow2(k):
-  """2.0 ** k as float32 for integer k in [-126, 127]: the exponent field alone."""
-  return jax.lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
-
-
-def _times_e8m0(x, exponent):
-  """x * 2 ** (e - 127) for E8M0 bytes e (any integer dtype; 255 -> NaN), float32.
-
-  The power is applied as two normal float32 factors of about 2 ** ((e - 127) / 2): the single
-  factor 2**-127 (byte 0) is below float32's normal range and would be flushed to zero.
-  """
-  k = exponent.astype(jnp.int32) - 127
-  half = k >> 1  # floor(k / 2)
-  out = x * _pow2(half) * _pow2(k - half)
-  return jnp.where(k == 128, jnp.float32(jnp.nan), out)
-
-
 def _decode_chunk(values, scale, storage: str, dtype):
   """Stored values [block, w] (and their scale) -> [block, w] in `dtype`.
 
@@ -84,7 +67,7 @@ def _decode_chunk(values, scale, storage: str, dtype):
   if storage == "int8":
     return (values.astype(jnp.float32) * scale).astype(dtype)  # [block, w] * [block, 1]
   if storage == "mxfp8":
-    return _times_e8m0(values.astype(jnp.float32), scale).astype(dtype)
+    return common.times_e8m0(values.astype(jnp.float32), scale).astype(dtype)
   return values.astype(dtype)
 
 
@@ -315,11 +298,7 @@ def decode_reference(values: jax.Array, storage: str, scale=None, dtype=None) ->
     scale = jnp.asarray(scale)
     if scale.dtype == jnp.float8_e8m0fnu:
       scale = jax.lax.bitcast_convert_type(scale, jnp.uint8)
-    k = scale.astype(jnp.int32)[..., None] - 127  # [..., Dh/32, 1]
-    one = jnp.float32(1)
-    # Two normal factors (see `_times_e8m0`), with ldexp instead of the kernel's bit fields.
-    out = blocks * jnp.ldexp(one, k // 2) * jnp.ldexp(one, k - k // 2)  # [..., Dh/32, 32]
-    out = jnp.where(k == 128, jnp.float32(jnp.nan), out)
+    out = common.times_e8m0(blocks, scale[..., None])  # [..., Dh/32, 32] * [..., Dh/32, 1]
     return out.reshape(*lead, dh).astype(dtype)
   return values.astype(dtype)
 

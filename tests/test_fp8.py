@@ -13,6 +13,15 @@ def test_pow2_ceil_is_exact_at_powers_of_two():
   np.testing.assert_array_equal(fp8.pow2_ceil(x), [0.25, 0.5, 1.0, 4.0, 512.0, 2.0**-20, 2.0])
 
 
+def test_e8m0_to_float32_is_the_exact_power_of_two():
+  e = np.arange(256, dtype=np.uint8)  # every E8M0 byte; 0 -> the subnormal 2**-127, 255 -> NaN
+  want = np.append(np.float32(2.0 ** (e[:255].astype(np.float64) - 127)), np.float32(np.nan))
+  for exponent in (e, e.view(ml_dtypes.float8_e8m0fnu)):
+    got = np.asarray(fp8.e8m0_to_float32(jnp.asarray(exponent)))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_quantize_blocks():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((3, 96)).astype(np.float32) * np.array([1e-7, 1.0, 300.0])[:, None]

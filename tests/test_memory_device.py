@@ -1,4 +1,5 @@
-"""Tests of `memory.create` and the device backend (engram_jax/memory/device.py, base.py)."""
+"""Tests of `memory.create` and the device backend (engram_jax/memory/device.py, base.py,
+host_buffers.py)."""
 
 import gc
 
@@ -9,7 +10,7 @@ import pytest
 
 from engram_jax import memory
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, device
+from engram_jax.memory import base, device, host_buffers
 from engram_jax.memory.optimizer import init_table_state, sparse_adam_update
 from engram_jax.memory.table import TableLayout
 
@@ -117,11 +118,11 @@ def test_errors():
 
 
 def test_output_buffers_are_reused_only_when_nothing_uses_them():
-  buffers = base.OutputBuffers(per_shape=3)
+  buffers = host_buffers.OutputBuffers(per_shape=3)
   first = buffers.take((4, DH), np.float32)
   a = first.ctypes.data
   assert a % 64 == 0
-  alias = base.to_device(first)  # on a CPU client jax aliases the buffer
+  alias = host_buffers.to_device(first)  # on a CPU client jax aliases the buffer
   assert alias.unsafe_buffer_pointer() == a
   del first
   second = buffers.take((4, DH), np.float32)

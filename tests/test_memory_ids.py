@@ -1,4 +1,4 @@
-"""Tests of the out-of-range id rule (engram_jax/memory/base.py `prepare_ids`, `clip_ids`):
+"""Tests of the out-of-range id rule (engram_jax/memory/validation.py `prepare_ids`, `clip_ids`):
 every backend clamps int32 and int64 ids alike (range-checked before any int32 cast, so no id
 wraps), or raises with out_of_range='raise'."""
 
@@ -10,7 +10,7 @@ from jax.sharding import AxisType
 
 from engram_jax import memory
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, device, dispatch, host, sharded, storage, tiered
+from engram_jax.memory import base, device, dispatch, host, sharded, storage, tiered, validation
 from engram_jax.memory.table import TableLayout
 
 R, DH = 1000, 8
@@ -136,25 +136,25 @@ def test_bad_out_of_range_option():
   with pytest.raises(ValueError, match=r"out_of_range: expected one of \('clamp', 'raise'\)"):
     memory.create("device", num_rows=R, dim=DH, out_of_range="wrap")
   with pytest.raises(ValueError, match="out_of_range: expected one of"):
-    base.prepare_ids(np.array([0]), R, "wrap")
+    validation.prepare_ids(np.array([0]), R, "wrap")
 
 
 def test_prepare_ids_dtypes():
-  np.testing.assert_array_equal(base.prepare_ids(IDS, R), CLAMPED)
-  assert base.prepare_ids(IDS, R).dtype == np.int32
-  assert base.prepare_ids([3, -5, 2**40], R).tolist() == [3, 0, R - 1]  # Python ints
+  np.testing.assert_array_equal(validation.prepare_ids(IDS, R), CLAMPED)
+  assert validation.prepare_ids(IDS, R).dtype == np.int32
+  assert validation.prepare_ids([3, -5, 2**40], R).tolist() == [3, 0, R - 1]  # Python ints
   big = np.array([2**64 - 1, 2**63, 2**32 + 5, 4], np.uint64)
-  assert base.prepare_ids(big, R).tolist() == [R - 1, R - 1, R - 1, 4]
-  assert base.prepare_ids(np.array([-3, 100], np.int8), 50).tolist() == [0, 49]
-  assert base.prepare_ids(np.array([2**32 - 1, 7], np.uint32), R).tolist() == [R - 1, 7]
-  got = base.prepare_ids(jnp.asarray(np.array([2**32 - 1, 7], np.uint32)), R)
+  assert validation.prepare_ids(big, R).tolist() == [R - 1, R - 1, R - 1, 4]
+  assert validation.prepare_ids(np.array([-3, 100], np.int8), 50).tolist() == [0, 49]
+  assert validation.prepare_ids(np.array([2**32 - 1, 7], np.uint32), R).tolist() == [R - 1, 7]
+  got = validation.prepare_ids(jnp.asarray(np.array([2**32 - 1, 7], np.uint32)), R)
   assert isinstance(got, jax.Array) and got.dtype == jnp.int32
   assert got.tolist() == [R - 1, 7]
   ids = np.array([5, R], np.int32)
-  base.prepare_ids(ids, R)
+  validation.prepare_ids(ids, R)
   assert ids.tolist() == [5, R]  # the caller's array is not clamped in place
   with pytest.raises(ValueError, match="ids: expected an integer array"):
-    base.prepare_ids(np.array([1.0]), R)
+    validation.prepare_ids(np.array([1.0]), R)
 
 
 def test_pure_cores_clamp_numpy_int64(mesh):

@@ -1,4 +1,5 @@
-"""Tests of the sharded backend (engram_jax/memory/sharded.py) on 8 simulated CPU devices."""
+"""Tests of the sharded table and backend (engram_jax/memory/sharded.py, sharded_backend.py) on
+8 simulated CPU devices."""
 
 import jax
 import jax.numpy as jnp

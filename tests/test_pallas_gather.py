@@ -1,6 +1,7 @@
 """Tests of the fused multi-head gather kernel (Pallas interpret mode on CPU, GPU lowering)."""
 
 import functools
+import warnings
 
 import chex
 import jax
@@ -79,6 +80,39 @@ def test_column_chunks_cover_the_row():
   assert common.column_chunks(80) == ((0, 64), (64, 16))
   assert common.column_chunks(64) == ((0, 64),)
   assert common.column_chunks(7) == ((0, 4), (4, 2), (6, 1))
+
+
+# e4m3 values: +-1, a fraction, the smallest subnormal and the largest code, and zero.
+_E8M0_X = np.array([1.0, -1.0, 0.75, -3.5, 2.0**-9, 448.0, -448.0, 0.0], np.float32)
+
+
+@pytest.mark.parametrize("exponent_dtype", [np.uint8, np.int32])
+@pytest.mark.parametrize("mode", ["numpy", "jax", "jax-jit"])
+def test_times_e8m0_equals_a_float64_power_of_two(mode, exponent_dtype):
+  e = np.arange(256)  # every E8M0 byte
+  # [8, 1] * [1, 256] -> [8, 256], exact in float64, then rounded once to float32.
+  with np.errstate(over="ignore"):
+    want = (_E8M0_X[:, None].astype(np.float64) * 2.0 ** (e[None, :] - 127.0)).astype(np.float32)
+  want[:, 255] = np.nan  # byte 255 is NaN, whatever x
+  x, exponent = _E8M0_X[:, None], e[None, :].astype(exponent_dtype)
+  if mode == "numpy":
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # overflows to inf (and byte 255 to NaN) without a warning
+      got = common.times_e8m0(x, exponent, np)
+  else:
+    fn = jax.jit(common.times_e8m0) if mode == "jax-jit" else common.times_e8m0
+    got = fn(jnp.asarray(x), jnp.asarray(exponent))
+  got = np.asarray(got)
+  assert got.dtype == np.float32 and got.shape == (8, 256)
+  if mode != "numpy":  # XLA:CPU flushes products below float32's normal range to (signed) zero
+    flushed = (np.abs(want) < np.finfo(np.float32).tiny) & (got == 0)
+    want = np.where(flushed, np.copysign(np.float32(0), want), want)
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit
+  # x = 1 at bytes 0, 1, 127, 254, 255: 2**-127 (flushed by XLA:CPU), 2**-126, 1, 2**127, NaN.
+  np.testing.assert_array_equal(got[0, [1, 127, 254, 255]], [2.0**-126, 1.0, 2.0**127, np.nan])
+  assert got[0, 0] in (np.float32(2.0**-127), 0.0)
+  if mode == "numpy":
+    assert got[0, 0] == np.float32(2.0**-127)  # NumPy keeps the subnormal
 
 
 def test_rejects_bad_arguments():

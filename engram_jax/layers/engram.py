@@ -39,9 +39,14 @@ from engram_jax.config import ENGRAM_FORMS, ENGRAM_GATINGS
 from engram_jax.layers.norms import FLOAT32_EPS, rms_norm
 
 # The gate's signed square root keeps a floor on |s| so its gradient stays finite at 0.
-_GATE_FLOOR = 1e-6
+GATE_FLOOR = 1e-6
 FORMS = ENGRAM_FORMS
 GATINGS = ENGRAM_GATINGS
+
+
+def signed_sqrt(s: jax.Array, floor: float = GATE_FLOOR) -> jax.Array:
+  """sign(s) * sqrt(max(|s|, floor)), the gate's compression of its logits s [...] (same shape)."""
+  return jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), floor))
 
 
 def check_engram_inputs(hidden_shape, rows_shape) -> None:
@@ -201,7 +206,7 @@ class Engram(nn.Module):
         k = rms_norm(key.astype(jnp.float32), branch_scale("key_norm"), self.qk_eps)
         q = rms_norm(query.astype(jnp.float32), branch_scale("query_norm"), self.qk_eps)
       s = jnp.sum(q * k, axis=-1) / jnp.sqrt(jnp.float32(d))  # [B, T, K]
-      s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), _GATE_FLOOR))
+      s = signed_sqrt(s)  # [B, T, K]
       gate = jnp.broadcast_to(jax.nn.sigmoid(s), (b, t, m))  # [B, T, K] -> [B, T, M]
     if dead is not None:
       gate = jnp.where(dead[:, :, None], 0.0, gate)

@@ -24,9 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from engram_jax.layers.engram import signed_sqrt
 from engram_jax.layers.fp8 import block_fp8_matmul
-
-GATE_FLOOR = 1e-6
 
 
 class V41EngramParams(NamedTuple):
@@ -58,7 +57,7 @@ def _gate_and_value(params: V41EngramParams, hidden, rows, dead, eps: float):
   rx = jax.lax.rsqrt(jnp.mean(x * x, axis=-1) + eps)  # [B, T, hc]
   rk = jax.lax.rsqrt(jnp.mean(key * key, axis=-1) + eps)
   s = jnp.sum(x * w * key, axis=-1) * rx * rk / jnp.sqrt(jnp.float32(d))  # [B, T, hc]
-  gate = jax.nn.sigmoid(jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), GATE_FLOOR)))
+  gate = jax.nn.sigmoid(signed_sqrt(s))  # [B, T, hc]
   return x, jnp.where(dead[..., None], 0.0, gate), value
 
 

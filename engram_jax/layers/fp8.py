@@ -58,7 +58,11 @@ def pow2_ceil(x: jax.Array) -> jax.Array:
 
 
 def e8m0_to_float32(exponent: jax.Array) -> jax.Array:
-  """E8M0 exponent bytes (uint8, or float8_e8m0fnu) -> float32 2 ** (e - 127)."""
+  """E8M0 exponent bytes (uint8, or float8_e8m0fnu) -> float32 2 ** (e - 127).
+
+  The scale's own value, by the dtype conversion: byte 0 gives the subnormal 2**-127 even on
+  XLA:CPU, where `pallas_kernels.common.times_e8m0(1.0, 0)` (a product) flushes it to 0.
+  """
   if exponent.dtype != jnp.float8_e8m0fnu:
     exponent = jax.lax.bitcast_convert_type(exponent.astype(jnp.uint8), jnp.float8_e8m0fnu)
   return exponent.astype(jnp.float32)

@@ -2,7 +2,7 @@
 
 Each backend is a frozen dataclass of pure functions over one state pytree (the contract:
 `memory.contract`): 'device' (`contract.Backend`), 'host' (`host.HostBackend`), 'sharded'
-(`sharded.ShardedBackend`) and 'tiered' (`tiered.TieredBackend`). Training's step, the table
+(`sharded_backend.ShardedBackend`) and 'tiered' (`tiered.TieredBackend`). Training's step, the table
 objects of `memory.create`, serving and checkpoints all reach a kind through here.
 """
 
@@ -21,7 +21,7 @@ from engram_jax.memory.contract import (
   table_key,
 )
 from engram_jax.memory.host import HostBackend
-from engram_jax.memory.sharded import ShardedBackend
+from engram_jax.memory.sharded_backend import ShardedBackend
 from engram_jax.memory.tiered import TieredBackend
 
 # The one place a kind is looked up.

@@ -2,8 +2,9 @@
 
 Every memory backend is a frozen dataclass of pure functions over one state pytree; `Backend`
 (the 'device' kind) is the base the others extend (`host.HostBackend`,
-`sharded.ShardedBackend`, `tiered.TieredBackend`), and `backends.backend(memory_cfg, mesh)` is
-the only place a kind is looked up. For one Engram layer's table, a backend answers:
+`sharded_backend.ShardedBackend`, `tiered.TieredBackend`), and
+`backends.backend(memory_cfg, mesh)` is the only place a kind is looked up. For one Engram
+layer's table, a backend answers:
 
 - `init(rows) -> state`: rows [R, Dh] padded to `padded_rows(R)` with zero rows (never
   addressed), stored as `memory.storage` says, with zero sparse-Adam moments; jit it (or
@@ -29,7 +30,7 @@ The kinds:
   (`memory.host`); the sparse update writes back on the host; rows stored as float32,
   bfloat16, int8 or mxfp8 (the quantised types read-only);
 - 'sharded': rows split over a mesh axis ('data' in training); ids and rows travel with
-  `all_to_all` (`memory.sharded`);
+  `all_to_all` (`memory.sharded`, adapted by `memory.sharded_backend`);
 - 'tiered': as 'host', plus a device cache of the rows the calibration batches read most
   (`memory.tiered`): hits come from device memory, only misses cross from the host, and the
   update writes the new values of cached rows through to the cache. The cache lives in the
@@ -52,7 +53,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from engram_jax import sharding as sharding_lib
 from engram_jax.config import MemoryConfig, OptimConfig
-from engram_jax.memory import base, device
+from engram_jax.memory import base, device, host_buffers
 from engram_jax.memory import storage as storage_lib
 from engram_jax.memory.base import TableState
 
@@ -233,7 +234,7 @@ class Backend:
   def numpy_parts(self, state) -> dict | None:
     """Zero-copy NumPy views {"values"[, "scale"]} of the stored table, or None where none
     exist (a GPU's memory, a sharded table)."""
-    view = base.numpy_view(state.table)
+    view = host_buffers.numpy_view(state.table)
     return None if view is None else {"values": view}
 
   def numpy_lookup(self, state, ids: np.ndarray, buffers, threads, lower=None):
@@ -242,11 +243,11 @@ class Backend:
     stored parts to read instead of the state's (a disk tier)."""
     parts = lower or self.numpy_parts(jax.block_until_ready(state))
     target = self.device or jax.devices()[0]
-    values = base.host_fetch(parts["values"], ids, buffers, target, threads)
+    values = host_buffers.host_fetch(parts["values"], ids, buffers, target, threads)
     moved = self._moved(ids.size, values.shape[-1])
     if "scale" not in parts:
       return (values if values.dtype == self.dtype else values.astype(self.dtype)), moved
-    scale = base.host_fetch(parts["scale"], ids, buffers, target, threads=1)
+    scale = host_buffers.host_fetch(parts["scale"], ids, buffers, target, threads=1)
     rows = jit_decode({"values": values, "scale": scale}, storage=self.storage, dtype=self.dtype)
     return rows, moved
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, dispatch
+from engram_jax.memory import base, dispatch, validation
 from engram_jax.memory.optimizer import sparse_adam_update
 from engram_jax.memory.table import TableLayout
 
@@ -64,7 +64,7 @@ def init(rows, device: jax.Device | None = None, trainable: bool = True) -> base
 def lookup(state: base.TableState, ids: jax.Array, implementation: str = "auto"):
   """Rows of flat row ids (pure; jit it). ids [...] -> rows [..., Dh], clamped to [0, R)."""
   table = state.table
-  flat = base.clip_ids(ids, 0, table.shape[0] - 1).reshape(-1, 1)  # [...] -> [N, 1] int32
+  flat = validation.clip_ids(ids, 0, table.shape[0] - 1).reshape(-1, 1)  # [...] -> [N, 1] int32
   rows = dispatch.lookup(
     table, flat, jnp.zeros((1,), jnp.int32), implementation=implementation
   )  # [N, 1, Dh]
@@ -93,7 +93,7 @@ def update(
     The new state.
   """
   r, dh = state.table.shape
-  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
+  flat = validation.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   table, opt = sparse_adam_update(
     state.table,
     state.opt,

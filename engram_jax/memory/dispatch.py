@@ -20,9 +20,9 @@ default backend is a GPU and 'xla' elsewhere. The choice is made at trace time: 
 function keeps the implementation it was traced with.
 
 Out-of-range rows are clamped to [0, R) by both implementations, the rule of every backend
-(`engram_jax.memory.base`): each head's ids are range-checked in their own dtype (int64 ids are
-never cast to int32 first, so 2**32 + 5 is out of range, not row 5) and clamped so that their
-rows land in [0, R).
+(`engram_jax.memory.validation`): each head's ids are range-checked in their own dtype (int64
+ids are never cast to int32 first, so 2**32 + 5 is out of range, not row 5) and clamped so that
+their rows land in [0, R).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.config import LOOKUP_IMPLS
-from engram_jax.memory import base
 from engram_jax.memory import storage as storage_lib
+from engram_jax.memory import validation
 from pallas_kernels.gather import gather_decode
 from pallas_kernels.lookup import lookup as pallas_lookup
 
@@ -108,7 +108,7 @@ def lookup(
   offsets = offsets.astype(jnp.int32)
   # Head h's ids clamped to [-offsets[h], R - 1 - offsets[h]] (its rows to [0, R)) in their
   # own dtype before the int32 cast: [..., H] -> [N, H] int32.
-  flat_ids = base.clip_ids(
+  flat_ids = validation.clip_ids(
     ids.reshape(-1, h), -offsets[None, :], table.shape[0] - 1 - offsets[None, :]
   )
   if chosen == "pallas":

@@ -43,7 +43,7 @@ from jax.experimental import compute_on as _compute_on
 from jax.sharding import SingleDeviceSharding
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, contract, dispatch
+from engram_jax.memory import base, contract, dispatch, host_buffers, validation
 from engram_jax.memory import storage as storage_lib
 from engram_jax.memory.base import TableState
 from engram_jax.memory.optimizer import TableOptState, dedup, sparse_adam_update
@@ -133,7 +133,7 @@ def lookup(
     [..., Dh] rows in device memory.
   """
   r, dh = state.table.shape
-  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
+  flat = validation.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   if state.scale is None:
     (values,) = _host_take([state.table], flat)
     scale = None
@@ -151,7 +151,7 @@ def update_rows(state: HostState, ids, grads, lr, cfg: OptimConfig):
   if state.opt is None:
     raise ValueError("update: this host table is read-only (no moments, or quantised storage)")
   r, dh = state.table.shape
-  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
+  flat = validation.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   n = flat.shape[0]
   # [N] -> [N] sorted unique ids padded with R, and each fetched id's slot among them.
   unique, slot = dedup(flat, r)
@@ -265,9 +265,9 @@ class HostBackend(contract.Backend):
     return HostState(persistent.table, None, persistent.opt)
 
   def numpy_parts(self, state):
-    parts = {"values": base.numpy_view(state.table)}
+    parts = {"values": host_buffers.numpy_view(state.table)}
     if state.scale is not None:
-      parts["scale"] = base.numpy_view(state.scale)
+      parts["scale"] = host_buffers.numpy_view(state.scale)
     return None if any(v is None for v in parts.values()) else parts
 
   def _moved(self, n, dim):

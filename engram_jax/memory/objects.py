@@ -3,7 +3,7 @@
 A `Table` holds one backend (`memory.backends`) and its state, and adds what a serving process
 or a benchmark wants around the pure functions, the same for every kind:
 
-- id preparation (`base.prepare_ids`: range checks before any int32 cast, clamp or raise);
+- id preparation (`validation.prepare_ids`: range checks before any int32 cast, clamp or raise);
 - `fetch` by one of two engines: 'jit' (the backend's jitted `lookup`, with the ids placed as
   the kind needs) or 'numpy' (a threaded NumPy gather through zero-copy views of the stored
   rows, handed to jax without a copy; CPU clients, where it is several times faster than
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import AxisType
 
 from engram_jax.config import MemoryConfig, OptimConfig
-from engram_jax.memory import backends, base, tiered
+from engram_jax.memory import backends, base, host_buffers, tiered, validation
 from engram_jax.memory import storage as storage_lib
 
 ENGINES = ("auto", "jit", "numpy")
@@ -144,7 +144,7 @@ class Table(base.MemoryTable):
     self.engine = "numpy" if engine == "numpy" or (engine == "auto" and viewable) else "jit"
 
     self._threads = threads
-    self._buffers = base.OutputBuffers()
+    self._buffers = host_buffers.OutputBuffers()
     self._lock = threading.RLock()
     self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
     self._pending: list[Future] = []
@@ -219,7 +219,7 @@ class Table(base.MemoryTable):
 
   def apply_gradients(self, ids, grads, lr, optim_cfg: OptimConfig) -> None:
     ids = self._ids(ids)  # [...] int32 in [0, R)
-    base.check_grads(ids, grads, self.dim)
+    validation.check_grads(ids, grads, self.dim)
     if not self.trainable:
       raise ValueError(
         f"apply_gradients: this {self.kind} table is read-only (trainable=False, quantised storage "

@@ -18,7 +18,8 @@ A table kept off the accelerator can be stored more compactly than the rows the 
 
 The quantised types ('int8', 'mxfp8': `SCALED`) are serving copies, read-only. The decoding on
 an accelerator is one fused kernel with the gather (`pallas_kernels.gather.gather_decode`); the
-functions here are its plain reference and the host tiers' NumPy path.
+functions here are its plain reference and the host tiers' NumPy path, with the kernel's E8M0
+arithmetic (`pallas_kernels.common.times_e8m0`).
 
 `encode` / `decode` work on NumPy arrays (host tiers) and on jax arrays (inside a jitted
 fetch), each with its own array module. `round_trip(table, storage)` converts a table to a
@@ -41,6 +42,7 @@ import numpy as np
 
 from engram_jax.config import STORAGE_TYPES
 from engram_jax.layers import fp8
+from pallas_kernels.common import times_e8m0
 
 _INT8_MAX = 127.0
 _E4M3_MAX = 448.0
@@ -128,22 +130,9 @@ def _encode_mxfp8(xp, rows) -> dict:
   # the smallest power of two that fits it.
   power = fp8.ceil_log2(xp.where(amax > 0, amax, _E4M3_MAX) / np.float32(_E4M3_MAX), xp)
   exponent = xp.clip(power + 127, 0, 254).astype(np.int32)  # [..., Dh/32]
-  scaled = _times_e8m0(xp, blocks, 254 - exponent[..., None])  # / 2 ** (e - 127): exact
+  scaled = times_e8m0(blocks, 254 - exponent[..., None], xp)  # / 2 ** (e - 127): exact
   codes = xp.clip(scaled, -_E4M3_MAX, _E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
   return {"values": codes.reshape(*lead, dh), "scale": exponent.astype(np.uint8)}
-
-
-def _times_e8m0(xp, x, exponent):
-  """x * 2 ** (e - 127) for E8M0 bytes e (255: NaN), float32.
-
-  The power is applied as two factors of about 2 ** ((e - 127) / 2), each a normal float32: a
-  single factor 2**-127 is below float32's normal range, and XLA flushes such values to zero.
-  """
-  k = exponent.astype(np.int32) - 127
-  half = k // 2
-  one = np.float32(1)
-  out = x * xp.ldexp(one, half).astype(np.float32) * xp.ldexp(one, k - half).astype(np.float32)
-  return xp.where(k == 128, np.float32(np.nan), out)
 
 
 # e4m3fn code (as a byte) -> its float32 value: one table lookup per code is several times faster
@@ -155,10 +144,8 @@ def _decode_mxfp8_numpy(values: np.ndarray, scale: np.ndarray, dtype) -> np.ndar
   """NumPy `decode` of mxfp8 rows: values [..., Dh], E8M0 bytes [..., Dh/32] -> [..., Dh]."""
   *lead, dh = values.shape
   out = _E4M3_VALUES[np.asarray(values).view(np.uint8)]  # [..., Dh] float32
-  k = np.asarray(scale).astype(np.int32) - 127  # [..., Dh/32]
-  # One factor 2**k per block: NumPy keeps float32 subnormals (2**-127), unlike XLA.
-  factor = np.ldexp(np.float32(1), np.minimum(k, 127)).astype(np.float32)
-  factor[k == 128] = np.nan
+  # One factor 2 ** (e - 127) per block: NumPy keeps float32 subnormals (2**-127), unlike XLA.
+  factor = times_e8m0(np.float32(1), np.asarray(scale), np)  # [..., Dh/32]
   blocks = out.reshape(*lead, dh // MX_BLOCK, MX_BLOCK)
   # Large codes times large exponents pass float32's range: inf, as the device decode gives.
   with np.errstate(over="ignore"):
@@ -186,7 +173,7 @@ def decode(parts: dict, storage: str, dtype=np.float32):
     *lead, dh = values.shape
     blocks = values.astype(np.float32).reshape(*lead, dh // MX_BLOCK, MX_BLOCK)
     # [..., Dh/32, 32] * [..., Dh/32, 1] -> [..., Dh]
-    decoded = _times_e8m0(xp, blocks, parts["scale"][..., None])  # [..., Dh/32, 32]
+    decoded = times_e8m0(blocks, parts["scale"][..., None], xp)  # [..., Dh/32, 32]
     return decoded.reshape(*lead, dh).astype(dtype)
   if storage != "int8":
     return xp.asarray(values, dtype=dtype)  # no copy if already in `dtype`
@@ -243,7 +230,7 @@ def error_bound(rows, storage: str):
     return xp.abs(rows) * np.float32(2.0**-8)
   if storage == "mxfp8":
     exponent = _encode_mxfp8(xp, rows)["scale"]  # [..., Dh/32]
-    floor = xp.repeat(_times_e8m0(xp, np.float32(2.0**-10), exponent), MX_BLOCK, axis=-1)
+    floor = xp.repeat(times_e8m0(np.float32(2.0**-10), exponent, xp), MX_BLOCK, axis=-1)
     return xp.abs(rows) * np.float32(2.0**-4) + floor
   amax = xp.max(xp.abs(rows), axis=-1, keepdims=True)  # [..., Dh] -> [..., 1]
   # Half a step, plus the float32 rounding of the scale, the quotient and the product (a few

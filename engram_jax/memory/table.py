@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax.memory import base
+from engram_jax.memory import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,4 +89,4 @@ class TableLayout:
     # [1, ..., 1, H], against ids [..., H]
     offsets = jnp.asarray(self.offsets).reshape((1,) * (ids.ndim - 1) + (self.num_heads,))
     int32 = np.iinfo(np.int32)
-    return base.clip_ids(ids, int32.min, int32.max - offsets) + offsets
+    return validation.clip_ids(ids, int32.min, int32.max - offsets) + offsets

@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 
 from engram_jax.config import OptimConfig
-from engram_jax.memory import base, contract, dispatch, host
+from engram_jax.memory import contract, dispatch, host, host_buffers, validation
 from engram_jax.memory import storage as storage_lib
 from engram_jax.memory.base import TableState
 from engram_jax.memory.optimizer import dedup
@@ -94,7 +94,7 @@ def lookup_with_route(
     ([..., Dh] rows, bool scalar: True where the fallback moved every id).
   """
   r, dh = state.lower.table.shape
-  flat = base.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
+  flat = validation.clip_ids(ids, 0, r - 1).reshape(-1)  # [...] -> [N] int32
   pos, hit = _probe(state.cached_ids, flat)
   # Misses keyed by their row, hits by R: the distinct missed rows come first, sorted, and
   # each id gets its distinct row's slot.
@@ -285,7 +285,7 @@ class TieredBackend(host.HostBackend):
 
   def _gather_decoded(self, parts: dict, ids: np.ndarray) -> np.ndarray:
     """[U] ids -> [U, Dh] rows of stored NumPy parts, gathered and decoded."""
-    got = {k: base.gather_rows(v, ids) for k, v in parts.items()}
+    got = {k: host_buffers.gather_rows(v, ids) for k, v in parts.items()}
     return storage_lib.decode(got, self.storage, self.dtype)
 
   def _hits(self, n: int, hit: np.ndarray, moved: int, dim: int) -> dict:
@@ -311,14 +311,14 @@ class TieredBackend(host.HostBackend):
     miss_rows = self._gather_decoded(parts, unique)  # [U, Dh]
     moved = self._hits(n, hit, unique.shape[0], dh)
     target = self.device or jax.devices()[0]
-    cache_view = base.numpy_view(jax.block_until_ready(state.cache))
+    cache_view = host_buffers.numpy_view(jax.block_until_ready(state.cache))
     if cache_view is not None:
       # Both tiers readable by NumPy (a CPU client): gather there, hand the rows over.
       out = buffers.take((*np.shape(ids), dh), self.dtype)
       flat_out = out.reshape(n, dh)  # [..., Dh] -> [N, Dh] view
-      base.gather_rows(cache_view, np.where(hit, pos, 0), flat_out, threads)
+      host_buffers.gather_rows(cache_view, np.where(hit, pos, 0), flat_out, threads)
       flat_out[miss] = miss_rows[src]
-      return base.to_device(out, target), moved
+      return host_buffers.to_device(out, target), moved
     # Only the distinct missed rows cross (Zipfian ids repeat within a batch).
     rows = combine(state.cache, pos, hit, miss, miss_rows, src, target)  # [N, Dh]
     return rows.reshape(*np.shape(ids), dh), moved  # [N, Dh] -> [..., Dh]
