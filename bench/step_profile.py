@@ -15,14 +15,18 @@ hits all alike), on one batch of the preset's shape:
 - `pipeline next()`: one batch from the data pipeline (windows, batching, hashing) in the
   caller's thread;
 - `loop sync`: the step time when every step is waited for, minus when steps are only
-  enqueued (what a per-step `block_until_ready` costs).
+  enqueued (what a per-step `block_until_ready` costs);
+- `page faults per step`: minor page faults of the process per enqueued step (memory mapped
+  afresh; see `--keep_freed_memory`, which sets glibc's malloc to reuse freed memory).
 
-    python -m bench.step_profile [--preset cpu_small --repeats 10 --dispatch ragged]
+    python -m bench.step_profile [--preset cpu_small --repeats 10 --dispatch ragged
+                                  --keep_freed_memory]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +34,7 @@ from collections.abc import Callable
 import jax
 from absl import app, flags
 
+from bench.common import keep_freed_memory
 from engram_jax import presets
 from engram_jax.data import build_pipeline, encode_corpus
 from engram_jax.train import loop
@@ -39,6 +44,9 @@ _PRESET = flags.DEFINE_string("preset", "cpu_small", "A preset.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls of each function.")
 _DISPATCH = flags.DEFINE_enum(
   "dispatch", "auto", ["auto", "ragged", "blocks"], "MoE dispatch of the profiled model."
+)
+_KEEP = flags.DEFINE_bool(
+  "keep_freed_memory", False, "Set glibc's malloc to reuse freed memory (no fresh pages)."
 )
 
 
@@ -132,11 +140,13 @@ def measure(preset: str, repeats: int, dispatch: str = "auto") -> dict:
     st, m = run(st, batch)
     jax.block_until_ready(m)
   synced = (time.perf_counter() - start) / repeats
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
   for _ in range(repeats):
     st, m = run(st, batch)
   jax.block_until_ready(m)
   enqueued = (time.perf_counter() - start) / repeats
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
 
   return {
     "tokens": t.batch_size * t.seq_len,
@@ -151,16 +161,20 @@ def measure(preset: str, repeats: int, dispatch: str = "auto") -> dict:
     "moe ragged - blocks": med["ragged"] - med["blocks"],
     "pipeline next()": statistics.median(pipe),
     "loop sync": synced - enqueued,
+    "page faults per step": faults,
     "dispatch": trainer.model_cfg.moe.dispatch if trainer.model_cfg.moe else None,
   }
 
 
 def main(argv):
   del argv
+  if _KEEP.value and not keep_freed_memory():
+    raise app.UsageError("--keep_freed_memory needs glibc's malloc (Linux with glibc)")
   r = measure(_PRESET.value, _REPEATS.value, _DISPATCH.value)
   print(
     f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, medians of {_REPEATS.value} "
-    f"interleaved calls; MoE dispatch {r['dispatch']!r} (auto: blocks on CPU)"
+    f"interleaved calls; MoE dispatch {r['dispatch']!r} (auto: blocks on CPU); malloc "
+    + ("keeps freed memory" if _KEEP.value else "as the C library sets it")
   )
   step = r["step"]
   for name in (
@@ -174,6 +188,7 @@ def main(argv):
     "loop sync",
   ):
     print(f"{name:<22}{r[name] * 1e3:9.1f} ms  {r[name] / step:6.2f} of the step")
+  print(f"{'page faults per step':<22}{r['page faults per step']:9,.0f}")
 
 
 if __name__ == "__main__":

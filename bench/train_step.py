@@ -14,7 +14,11 @@ that accounting (goal: within 1.3x), and of the whole step (which adds Muon's Ne
 iterations on every matrix, outside the model's accounting). The last gives the share's
 ceiling: accounted over executed FLOPs, the share if the whole step ran at the matmul rate.
 
-    python -m bench.train_step [--preset cpu_small --repeats 20]
+With `--keep_freed_memory`, glibc's malloc reuses freed memory instead of mapping fresh pages
+for every large buffer (`bench.common.keep_freed_memory`): the same figures without XLA:CPU's
+page faults.
+
+    python -m bench.train_step [--preset cpu_small --repeats 20 --keep_freed_memory]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.common import best_times
+from bench.common import best_times, keep_freed_memory
 from engram_jax import presets
 from engram_jax.data import default_tokenizer_path
 from engram_jax.hashing import EngramHashing
@@ -39,6 +43,9 @@ _PRESET = flags.DEFINE_string("preset", "cpu_small", "An Engram preset.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps of each model.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Override the preset's batch size.")
 _SEQ = flags.DEFINE_integer("seq_len", None, "Override the preset's sequence length.")
+_KEEP = flags.DEFINE_bool(
+  "keep_freed_memory", False, "Set glibc's malloc to reuse freed memory (no fresh pages)."
+)
 
 
 def _trainer(exp, vocab_size, wiring):
@@ -152,10 +159,13 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
 
 def main(argv):
   del argv
+  if _KEEP.value and not keep_freed_memory():
+    raise app.UsageError("--keep_freed_memory needs glibc's malloc (Linux with glibc)")
   r = measure(_PRESET.value, _REPEATS.value, _BATCH.value, _SEQ.value)
   print(
     f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, median of "
-    f"{_REPEATS.value} interleaved steps"
+    f"{_REPEATS.value} interleaved steps; malloc "
+    + ("keeps freed memory" if _KEEP.value else "as the C library sets it")
   )
   print(f"Engram step:        {r['engram_s'] * 1e3:8.1f} ms")
   print(f"MoE baseline step:  {r['baseline_s'] * 1e3:8.1f} ms")

@@ -8,7 +8,7 @@ import json
 SCRIPTS = [
   ("bench.hashing", ["--batch=4", "--seq=300", "--repeats=1"], "speedup:"),
   ("bench.train_step", ["--preset=tiny", "--repeats=1"], "of the matmul rate"),
-  ("bench.step_profile", ["--preset=tiny", "--repeats=1"], "moe ragged - blocks"),
+  ("bench.step_profile", ["--preset=tiny", "--repeats=1"], "page faults per step"),
   ("bench.memory", ["--smoke"], "copy"),
   ("bench.generate", ["--preset=tiny", "--new_tokens=3", "--repeats=1"], "same text from both"),
 ]
