@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 train: $(STAMP)
-	$(PY) -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --compare_baseline --resume
+	$(PY) -m experiments.train --preset=cpu_small --workdir=runs/cpu_small --compare_baseline --resume --keep_freed_memory
 
 demo: $(STAMP)
 	$(PY) -m experiments.quickstart

@@ -8,15 +8,12 @@
   scattered over the rows (hashed n-grams are heavy-tailed and spread over the table).
 - `toy_forward`, `run_prefetched`: a forward pass to hide a fetch behind, and the loop that
   feeds it from a table's background prefetch.
-- `keep_freed_memory`: glibc's malloc set to reuse freed memory rather than map fresh pages
-  (what XLA:CPU's page faults cost, measured by running a script with and without it).
 
 Shapes: R table rows, T tokens, H heads, Dh row width, D model width.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import time
@@ -27,30 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 _SCATTER = np.uint64(2654435761)  # a prime: rank -> rank * _SCATTER mod R is a bijection
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def keep_freed_memory() -> bool:
-  """Sets glibc's malloc to keep freed memory for reuse: one arena, no mmap'd blocks, no trim.
-
-  XLA:CPU takes each execution's temporary buffer (340 MB for a `cpu_small` train step) and
-  every large result from malloc. glibc serves blocks that large with a fresh mmap and unmaps
-  them when they are freed, so every call touches new pages: a page fault per 4 KiB (84,000 per
-  `cpu_small` forward + backward). Set this way, freed blocks stay in the heap and later calls
-  reuse their pages (most of them: small blocks placed in a freed one can still make the heap
-  grow now and then). The process keeps its peak memory until it exits.
-
-  Must run before JAX's first computation (the runtime's threads must start after it).
-
-  Returns:
-    Whether it was set (False where the C library is not glibc).
-  """
-  libc = ctypes.CDLL(None)
-  if not hasattr(libc, "gnu_get_libc_version"):
-    return False
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-  return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -34,10 +34,9 @@ from collections.abc import Callable
 import jax
 from absl import app, flags
 
-from bench.common import keep_freed_memory
 from engram_jax import presets
 from engram_jax.data import build_pipeline, encode_corpus
-from engram_jax.train import loop
+from engram_jax.train import loop, malloc
 from engram_jax.train import optimizer as opt_lib
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", "A preset.")
@@ -168,8 +167,8 @@ def measure(preset: str, repeats: int, dispatch: str = "auto") -> dict:
 
 def main(argv):
   del argv
-  if _KEEP.value and not keep_freed_memory():
-    raise app.UsageError("--keep_freed_memory needs glibc's malloc (Linux with glibc)")
+  if _KEEP.value and not malloc.keep_freed_memory():
+    raise app.UsageError(malloc.NOT_GLIBC)
   r = measure(_PRESET.value, _REPEATS.value, _DISPATCH.value)
   print(
     f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, medians of {_REPEATS.value} "

@@ -15,7 +15,7 @@ iterations on every matrix, outside the model's accounting). The last gives the 
 ceiling: accounted over executed FLOPs, the share if the whole step ran at the matmul rate.
 
 With `--keep_freed_memory`, glibc's malloc reuses freed memory instead of mapping fresh pages
-for every large buffer (`bench.common.keep_freed_memory`): the same figures without XLA:CPU's
+for every large buffer (`engram_jax.train.malloc`): the same figures without XLA:CPU's
 page faults.
 
     python -m bench.train_step [--preset cpu_small --repeats 20 --keep_freed_memory]
@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.common import best_times, keep_freed_memory
+from bench.common import best_times
 from engram_jax import presets
 from engram_jax.data import default_tokenizer_path
 from engram_jax.hashing import EngramHashing
 from engram_jax.params import count_params
+from engram_jax.train import malloc
 from engram_jax.train.step import Trainer
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", "An Engram preset.")
@@ -159,8 +160,8 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
 
 def main(argv):
   del argv
-  if _KEEP.value and not keep_freed_memory():
-    raise app.UsageError("--keep_freed_memory needs glibc's malloc (Linux with glibc)")
+  if _KEEP.value and not malloc.keep_freed_memory():
+    raise app.UsageError(malloc.NOT_GLIBC)
   r = measure(_PRESET.value, _REPEATS.value, _BATCH.value, _SEQ.value)
   print(
     f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, median of "

@@ -1,12 +1,6 @@
 """Tests for bench/common.py: the timing helpers, the Zipf ids every benchmark shares, and the
 malloc setting that removes XLA:CPU's page faults."""
 
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,42 +44,3 @@ def test_scattered_zipf_is_reproducible():
   a = common.scattered_zipf(np.random.default_rng(3), (64,), 500, 1.1)
   b = common.scattered_zipf(np.random.default_rng(3), (64,), 500, 1.1)
   np.testing.assert_array_equal(a, b)
-
-
-# A 32 MB result, computed 5 times after two warm-up calls: the minor page faults of those calls.
-_FAULTS = textwrap.dedent(
-  """
-  import ctypes, resource, sys
-  from bench import common
-  if sys.argv[1] == "keep":
-    assert common.keep_freed_memory()
-  libc = ctypes.CDLL(None)
-  libc.malloc.restype = ctypes.c_void_p
-  libc.free.argtypes = [ctypes.c_void_p]
-  size = 64 << 20  # above glibc's largest dynamic mmap threshold (32 MiB)
-
-  def cycle():  # what XLA:CPU does with a step's temp buffer: malloc, write, free
-    p = libc.malloc(size)
-    ctypes.memset(p, 1, size)
-    libc.free(p)
-
-  cycle()
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(5):
-    cycle()
-  print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-  """
-)
-
-
-def test_keep_freed_memory_stops_the_page_faults_of_fresh_buffers():
-  def faults(mode):
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
-    r = subprocess.run(
-      [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env, check=True
-    )
-    return int(r.stdout.split()[-1])
-
-  # By default each 64 MiB block is mapped afresh: 16,384 faults of 4 KiB pages a cycle.
-  assert faults("default") > 5 * 16_000
-  assert faults("keep") < 1_000

@@ -125,6 +125,15 @@ def test_kills_during_saves_and_between_steps_resume_bit_exactly(tiny_run, small
   assert results["val_loss"] == ref_results["val_loss"]
 
 
+def test_keep_freed_memory_trains_the_same_run(tiny_run, small_corpus, tmp_path):
+  ref, _, ref_results = tiny_run
+  workdir = tmp_path / "kept"
+  r = _train(workdir, small_corpus, "--keep_freed_memory")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert _losses(workdir) == _losses(ref)  # the allocator changes no number
+  assert json.loads((workdir / "results.json").read_text())["val_loss"] == ref_results["val_loss"]
+
+
 _BAD_DATA = [
   (b"In the beginning \xff\xfe was", "--corpus", "is not UTF-8 text: byte 0xff at offset 17"),
   (b"   \n\n  ", "--corpus", "is empty"),
