@@ -6,6 +6,7 @@
   waited for (device throughput, dispatch overlapped).
 - `scattered_zipf`: ids whose ranks follow Zipf(a) truncated to the table's rows, hot ranks
   scattered over the rows (hashed n-grams are heavy-tailed and spread over the table).
+- `malloc_setting`: a script's `--keep_freed_memory` applied, and named for its header.
 - `toy_forward`, `run_prefetched`: a forward pass to hide a fetch behind, and the loop that
   feeds it from a table's background prefetch.
 
@@ -22,8 +23,19 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
+
+from engram_jax.train import malloc
 
 _SCATTER = np.uint64(2654435761)  # a prime: rank -> rank * _SCATTER mod R is a bijection
+
+
+def malloc_setting(keep: bool) -> str:
+  """Applies a script's `--keep_freed_memory` (`engram_jax.train.malloc`; call it before JAX's
+  first computation) and returns how malloc is set, for the script's header line."""
+  if keep and not malloc.keep_freed_memory():
+    raise app.UsageError(malloc.NOT_GLIBC)
+  return "keeps freed memory" if keep else "as the C library sets it"
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

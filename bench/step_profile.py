@@ -34,9 +34,10 @@ from collections.abc import Callable
 import jax
 from absl import app, flags
 
+from bench.common import malloc_setting
 from engram_jax import presets
 from engram_jax.data import build_pipeline, encode_corpus
-from engram_jax.train import loop, malloc
+from engram_jax.train import loop
 from engram_jax.train import optimizer as opt_lib
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", "A preset.")
@@ -139,13 +140,13 @@ def measure(preset: str, repeats: int, dispatch: str = "auto") -> dict:
     st, m = run(st, batch)
     jax.block_until_ready(m)
   synced = (time.perf_counter() - start) / repeats
-  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
   for _ in range(repeats):
     st, m = run(st, batch)
   jax.block_until_ready(m)
   enqueued = (time.perf_counter() - start) / repeats
-  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / repeats
 
   return {
     "tokens": t.batch_size * t.seq_len,
@@ -167,13 +168,11 @@ def measure(preset: str, repeats: int, dispatch: str = "auto") -> dict:
 
 def main(argv):
   del argv
-  if _KEEP.value and not malloc.keep_freed_memory():
-    raise app.UsageError(malloc.NOT_GLIBC)
+  setting = malloc_setting(_KEEP.value)
   r = measure(_PRESET.value, _REPEATS.value, _DISPATCH.value)
   print(
     f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, medians of {_REPEATS.value} "
-    f"interleaved calls; MoE dispatch {r['dispatch']!r} (auto: blocks on CPU); malloc "
-    + ("keeps freed memory" if _KEEP.value else "as the C library sets it")
+    f"interleaved calls; MoE dispatch {r['dispatch']!r} (auto: blocks on CPU); malloc " + setting
   )
   step = r["step"]
   for name in (

@@ -32,12 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.common import best_times
+from bench.common import best_times, malloc_setting
 from engram_jax import presets
 from engram_jax.data import default_tokenizer_path
 from engram_jax.hashing import EngramHashing
 from engram_jax.params import count_params
-from engram_jax.train import malloc
 from engram_jax.train.step import Trainer
 
 _PRESET = flags.DEFINE_string("preset", "cpu_small", "An Engram preset.")
@@ -160,13 +159,11 @@ def measure(preset: str, repeats: int, batch_size=None, seq_len=None) -> dict:
 
 def main(argv):
   del argv
-  if _KEEP.value and not malloc.keep_freed_memory():
-    raise app.UsageError(malloc.NOT_GLIBC)
+  setting = malloc_setting(_KEEP.value)
   r = measure(_PRESET.value, _REPEATS.value, _BATCH.value, _SEQ.value)
   print(
     f"preset {_PRESET.value}: {r['tokens']:,} tokens per step, median of "
-    f"{_REPEATS.value} interleaved steps; malloc "
-    + ("keeps freed memory" if _KEEP.value else "as the C library sets it")
+    f"{_REPEATS.value} interleaved steps; malloc " + setting
   )
   print(f"Engram step:        {r['engram_s'] * 1e3:8.1f} ms")
   print(f"MoE baseline step:  {r['baseline_s'] * 1e3:8.1f} ms")

@@ -1,5 +1,4 @@
-"""Tests for bench/common.py: the timing helpers, the Zipf ids every benchmark shares, and the
-malloc setting that removes XLA:CPU's page faults."""
+"""Tests for bench/common.py: the timing helpers and the Zipf ids every benchmark shares."""
 
 import jax.numpy as jnp
 import numpy as np

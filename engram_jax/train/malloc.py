@@ -6,7 +6,7 @@ them when they are freed, so every call touches new pages: a page fault per 4 Ki
 per `cpu_small` train step. `keep_freed_memory` sets glibc's malloc (`mallopt`) to one arena, no
 mmap'd blocks and no trimming: freed blocks stay in the heap and later calls reuse their pages.
 The numerics are unchanged (the same losses to the bit); the process keeps its peak memory until
-it exits, and compiling gets a little slower (one arena for the compiler's threads).
+it exits, and every thread shares one arena.
 `experiments.train --keep_freed_memory` (what `make train` runs) and the step benchmarks use it.
 """
 
